@@ -1,0 +1,163 @@
+//! The one place where failures become responses: HTTP status and body for REST, `error`
+//! events (and close codes) for WebSocket.
+
+use actix_web::{HttpResponse, ResponseError, http::StatusCode};
+use serde_json::json;
+use shared::{
+    broker::BrokerError,
+    limits::LimitsError,
+    protocol::{ErrorCode, ErrorDetails, ServerEvent},
+    store::StoreError,
+};
+
+/// Every failure a client can be told about.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Request validation failed (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// No API key was sent (401).
+    #[error("Missing API key")]
+    MissingKey,
+    /// A required WebSocket handshake parameter is missing.
+    #[error("Missing {name} parameter")]
+    MissingParam {
+        /// The query parameter's name.
+        name: &'static str,
+        /// The equivalent header.
+        header: &'static str,
+    },
+    /// A WebSocket handshake parameter is malformed.
+    #[error("Invalid {name} parameter: {reason}")]
+    InvalidParam {
+        /// The parameter.
+        name: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The API key matches no tenant (401).
+    #[error("Invalid API key")]
+    InvalidKey,
+    /// The chat is absent or another tenant's (404).
+    #[error("Chat with chat_id '{0}' not found or does not belong to your tenant")]
+    ChatNotFound(String),
+    /// Some other resource is absent (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The chat still has open sockets (409).
+    #[error("Chat has open WebSocket connections; close them before deleting the chat")]
+    ChatInUse,
+    /// The tenant holds all its connection slots.
+    #[error("Connection limit reached: this tenant may hold at most {0} open connections")]
+    ConnectionLimit(u32),
+    /// Too many requests (429).
+    #[error("Rate limit exceeded: at most {limit} requests per minute")]
+    RateLimited {
+        /// The limit.
+        limit: u32,
+        /// Seconds until it resets.
+        retry_after_secs: u64,
+    },
+    /// Missing or wrong admin token (401).
+    #[error("Invalid or missing admin token")]
+    Unauthorized,
+    /// A dependency is down (503).
+    #[error("Service temporarily unavailable")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// The wire error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Invalid(_) => ErrorCode::InvalidRequest,
+            Self::MissingKey
+            | Self::MissingParam { .. }
+            | Self::InvalidParam { .. }
+            | Self::InvalidKey => ErrorCode::AuthError,
+            Self::ChatNotFound(_) => ErrorCode::ChatNotFound,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::ChatInUse => ErrorCode::ChatInUse,
+            Self::ConnectionLimit(_) => ErrorCode::ConnectionLimit,
+            Self::RateLimited { .. } => ErrorCode::RateLimited,
+            Self::Unauthorized => ErrorCode::Unauthorized,
+            Self::Unavailable(_) => ErrorCode::ServiceUnavailable,
+        }
+    }
+
+    /// The `details` object.
+    pub fn details(&self) -> ErrorDetails {
+        match self {
+            Self::MissingParam { name, header } => ErrorDetails::fix(format!(
+                "Add {name} parameter: ?{name}=your_{name} or {header} header"
+            )),
+            Self::MissingKey => {
+                ErrorDetails::fix("Send your tenant API key in the X-API-Key header")
+            }
+            Self::RateLimited {
+                retry_after_secs, ..
+            } => ErrorDetails {
+                fix: ErrorCode::RateLimited.default_fix().into(),
+                retry_after_ms: Some(retry_after_secs * 1000),
+            },
+            other => ErrorDetails::fix(other.code().default_fix()),
+        }
+    }
+
+    /// The WebSocket `error` event for this failure.
+    pub fn to_event(&self) -> ServerEvent {
+        ServerEvent::error_with(self.code(), self.to_string(), self.details())
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Invalid(_) | Self::InvalidParam { .. } => StatusCode::BAD_REQUEST,
+            Self::MissingKey
+            | Self::MissingParam { .. }
+            | Self::InvalidKey
+            | Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ChatNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::ChatInUse => StatusCode::CONFLICT,
+            Self::ConnectionLimit(_) | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let Self::Unavailable(cause) = self {
+            tracing::error!(%cause, "dependency unavailable");
+        }
+        let mut res = HttpResponse::build(self.status_code());
+        if let Self::RateLimited {
+            retry_after_secs, ..
+        } = self
+        {
+            res.insert_header(("Retry-After", retry_after_secs.to_string()));
+        }
+        res.json(json!({
+            "error_code": self.code(),
+            "error_message": self.to_string(),
+            "details": self.details(),
+        }))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+impl From<LimitsError> for ApiError {
+    fn from(e: LimitsError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}

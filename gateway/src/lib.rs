@@ -1,0 +1,18 @@
+//! Parley's gateway: the REST API, the operator API and CLI, and the WebSocket protocol.
+//!
+//! - [`startup`]: `Application::build` wires store, broker, limits and (embedded) worker.
+//! - [`routes`]: REST, admin and health handlers.
+//! - [`ws`]: the WebSocket endpoint and per-socket loop.
+//! - [`auth`], [`tenants`]: keys, the admin token, tenant operations shared with the CLI.
+//! - [`error`]: the one mapping from failures to HTTP responses and WebSocket error events.
+
+pub mod auth;
+pub mod cli;
+pub mod error;
+pub mod routes;
+pub mod startup;
+pub mod state;
+pub mod tenants;
+pub mod ws;
+
+pub use startup::{Application, Stopper};

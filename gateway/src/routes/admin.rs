@@ -1,0 +1,132 @@
+//! The operator API (`/admin/v1`, API.md §3). Off (404) unless `PARLEY_ADMIN_TOKEN` is set;
+//! then every call needs `Authorization: Bearer <token>`.
+
+use actix_web::{
+    Error, HttpResponse,
+    body::MessageBody,
+    dev::{ServiceRequest, ServiceResponse},
+    middleware::{Next, from_fn},
+    web,
+};
+use chrono::Utc;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::{auth::admin_token_matches, error::ApiError, state::AppState, tenants};
+
+/// The `/admin/v1` scope.
+pub fn scope() -> actix_web::Scope<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = Error,
+        InitError = (),
+    >,
+> {
+    web::scope("/admin/v1")
+        .wrap(from_fn(admin_gate))
+        .service(web::resource("/tenants").post(create).get(list))
+        .service(
+            web::resource("/tenants/{id}")
+                .get(get)
+                .patch(update)
+                .delete(delete),
+        )
+        .service(web::resource("/tenants/{id}/rotate-key").post(rotate_key))
+}
+
+async fn admin_gate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let configured = req
+        .app_data::<web::Data<AppState>>()
+        .and_then(|s| s.config.admin_token.clone())
+        .filter(|t| !t.is_empty());
+    let Some(configured) = configured else {
+        return Err(
+            ApiError::NotFound(format!("No route for {} {}", req.method(), req.path())).into(),
+        );
+    };
+    let header = req
+        .headers()
+        .get("Authorization")
+        .and_then(|v| v.to_str().ok());
+    if !admin_token_matches(header, &configured) {
+        return Err(ApiError::Unauthorized.into());
+    }
+    next.call(req).await
+}
+
+fn tenant_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound(format!("Tenant '{raw}' not found")))
+}
+
+fn object(body: Value) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match body {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::Invalid(
+            "Request body must be a JSON object".into(),
+        )),
+    }
+}
+
+fn optional_name(body: &serde_json::Map<String, Value>) -> Result<Option<&str>, ApiError> {
+    match body.get("name") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(n)) => Ok(Some(n)),
+        Some(_) => Err(ApiError::Invalid("name must be a string".into())),
+    }
+}
+
+async fn create(
+    state: web::Data<AppState>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let body = object(body.into_inner())?;
+    let name = optional_name(&body)?.ok_or_else(|| ApiError::Invalid("name is required".into()))?;
+    let created = tenants::create(state.store.as_ref(), name, body.get("settings")).await?;
+    Ok(HttpResponse::Created().json(created))
+}
+
+async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let all = state.store.list_tenants().await?;
+    Ok(HttpResponse::Ok().json(json!({ "tenants": all, "total": all.len() })))
+}
+
+async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let tenant = tenants::get(state.store.as_ref(), tenant_id(&id)?).await?;
+    Ok(HttpResponse::Ok().json(tenant))
+}
+
+async fn update(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let body = object(body.into_inner())?;
+    let name = optional_name(&body)?;
+    let settings = body.get("settings").filter(|s| !s.is_null());
+    let tenant = tenants::update(state.store.as_ref(), tenant_id(&id)?, name, settings).await?;
+    state.tenants.invalidate();
+    Ok(HttpResponse::Ok().json(tenant))
+}
+
+async fn rotate_key(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let rotated = tenants::rotate_key(state.store.as_ref(), tenant_id(&id)?).await?;
+    state.tenants.invalidate();
+    Ok(HttpResponse::Ok().json(rotated))
+}
+
+async fn delete(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    tenants::delete(state.store.as_ref(), tenant_id(&id)?).await?;
+    state.tenants.invalidate();
+    Ok(HttpResponse::Ok().json(json!({ "success": true, "deleted_at": Utc::now() })))
+}

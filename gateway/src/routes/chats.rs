@@ -1,0 +1,258 @@
+//! The tenant REST API (`/api/v1`, API.md §2): chats and their messages.
+
+use std::collections::HashMap;
+
+use actix_web::{HttpRequest, HttpResponse, middleware::from_fn, web};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use shared::{
+    protocol::validate_user_id,
+    store::{Chat, Message, Page, Tenant},
+};
+use uuid::Uuid;
+
+use super::{query_map, ratelimit::tenant_gate};
+use crate::{error::ApiError, state::AppState};
+
+/// Largest page a list may return.
+const MAX_LIMIT: i64 = 100;
+
+/// The `/api/v1` scope, behind authentication and the rate limit.
+pub fn scope() -> actix_web::Scope<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<actix_web::body::BoxBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    web::scope("/api/v1")
+        .wrap(from_fn(tenant_gate))
+        .service(web::resource(["/chats", "/chats/"]).post(create_chat))
+        .service(web::resource("/chats/user/{user_id}").get(list_user_chats))
+        .service(
+            web::resource("/chats/{chat_id}")
+                .get(get_chat)
+                .delete(delete_chat),
+        )
+        .service(web::resource("/chats/{chat_id}/messages").get(list_messages))
+}
+
+/// The chat object of API.md §2.
+#[derive(Serialize)]
+struct ChatView {
+    id: Uuid,
+    user_id: String,
+    tenant_id: Uuid,
+    title: String,
+    config: Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_message_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_count: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'static str>,
+}
+
+impl ChatView {
+    fn new(chat: Chat, with_count: bool) -> Self {
+        Self {
+            id: chat.id,
+            user_id: chat.user_id,
+            tenant_id: chat.tenant_id,
+            title: chat.title,
+            config: json!({ "metadata": chat.metadata }),
+            created_at: chat.created_at,
+            updated_at: chat.updated_at,
+            last_message_at: chat.last_message_at,
+            message_count: with_count.then_some(chat.message_count),
+            status: None,
+        }
+    }
+}
+
+/// The message object of API.md §2.
+#[derive(Serialize)]
+struct MessageView {
+    id: String,
+    content: String,
+    sender_role: &'static str,
+    media_type: Option<String>,
+    media_url: Option<String>,
+    created_at: DateTime<Utc>,
+    metadata: Map<String, Value>,
+}
+
+impl From<Message> for MessageView {
+    fn from(m: Message) -> Self {
+        Self {
+            id: m.id,
+            content: m.content,
+            sender_role: m.role.as_str(),
+            media_type: None,
+            media_url: None,
+            created_at: m.created_at,
+            metadata: m.metadata,
+        }
+    }
+}
+
+/// Reads `offset`, `limit` and `order` with the given default order.
+fn page(query: &HashMap<String, String>, default_desc: bool) -> Result<Page, ApiError> {
+    let int = |name: &str, default: i64| -> Result<i64, ApiError> {
+        query.get(name).map_or(Ok(default), |v| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::Invalid(format!("{name} must be an integer")))
+        })
+    };
+    let offset = int("offset", 0)?;
+    let limit = int("limit", 50)?;
+    if offset < 0 {
+        return Err(ApiError::Invalid("offset must be 0 or more".into()));
+    }
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::Invalid(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    let descending = match query.get("order").map(String::as_str) {
+        None => default_desc,
+        Some("asc") => false,
+        Some("desc") => true,
+        Some(_) => return Err(ApiError::Invalid("order must be 'asc' or 'desc'".into())),
+    };
+    Ok(Page {
+        offset,
+        limit,
+        descending,
+    })
+}
+
+fn list_body<T: Serialize>(key: &str, items: Vec<T>, total: i64, page: Page) -> Value {
+    let has_more = page.offset + i64::try_from(items.len()).unwrap_or(i64::MAX) < total;
+    json!({ key: items, "total": total, "offset": page.offset, "limit": page.limit, "has_more": has_more })
+}
+
+fn parse_chat_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::ChatNotFound(raw.to_owned()))
+}
+
+async fn owned_chat(state: &AppState, tenant: &Tenant, raw: &str) -> Result<Chat, ApiError> {
+    let id = parse_chat_id(raw)?;
+    state
+        .store
+        .get_chat(tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::ChatNotFound(raw.to_owned()))
+}
+
+/// `POST /api/v1/chats/`: `{user_id, title?, metadata?}` → 201 Chat.
+async fn create_chat(
+    state: web::Data<AppState>,
+    tenant: web::ReqData<Tenant>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let Value::Object(mut body) = body.into_inner() else {
+        return Err(ApiError::Invalid(
+            "Request body must be a JSON object".into(),
+        ));
+    };
+    let user_id = match body.remove("user_id") {
+        Some(Value::String(u)) => u,
+        None | Some(Value::Null) => return Err(ApiError::Invalid("user_id is required".into())),
+        Some(_) => return Err(ApiError::Invalid("user_id must be a string".into())),
+    };
+    validate_user_id(&user_id).map_err(|e| ApiError::Invalid(e.into()))?;
+    let title = match body.remove("title") {
+        None | Some(Value::Null) => format!("Chat {}", Utc::now().format("%Y-%m-%d %H:%M")),
+        Some(Value::String(t)) if t.chars().count() <= 255 => t,
+        Some(Value::String(_)) => {
+            return Err(ApiError::Invalid(
+                "title must be at most 255 characters".into(),
+            ));
+        }
+        Some(_) => return Err(ApiError::Invalid("title must be a string".into())),
+    };
+    let metadata = match body.remove("metadata") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(ApiError::Invalid("metadata must be a JSON object".into())),
+    };
+    let chat = state
+        .store
+        .create_chat(tenant.id, &user_id, &title, &metadata)
+        .await?;
+    Ok(HttpResponse::Created().json(ChatView::new(chat, false)))
+}
+
+/// `GET /api/v1/chats/user/{user_id}`: the user's chats, newest first by default.
+async fn list_user_chats(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    tenant: web::ReqData<Tenant>,
+    user_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let page = page(&query_map(&req), true)?;
+    let (chats, total) = state
+        .store
+        .list_user_chats(tenant.id, &user_id, page)
+        .await?;
+    if total == 0 {
+        return Err(ApiError::NotFound(format!(
+            "No chats found for user '{user_id}'"
+        )));
+    }
+    let items: Vec<ChatView> = chats.into_iter().map(|c| ChatView::new(c, true)).collect();
+    Ok(HttpResponse::Ok().json(list_body("chats", items, total, page)))
+}
+
+/// `GET /api/v1/chats/{chat_id}`: the chat with `message_count` and `status` (`active` while a
+/// WebSocket is open on it, on any gateway; `closed` otherwise).
+async fn get_chat(
+    state: web::Data<AppState>,
+    tenant: web::ReqData<Tenant>,
+    chat_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let chat = owned_chat(&state, &tenant, &chat_id).await?;
+    let active = state.limits.chat_has_connections(chat.id).await?;
+    let mut view = ChatView::new(chat, true);
+    view.status = Some(if active { "active" } else { "closed" });
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// `GET /api/v1/chats/{chat_id}/messages`: oldest first by default.
+async fn list_messages(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    tenant: web::ReqData<Tenant>,
+    chat_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let page = page(&query_map(&req), false)?;
+    let chat = owned_chat(&state, &tenant, &chat_id).await?;
+    let (messages, total) = state.store.list_messages(chat.id, page).await?;
+    let items: Vec<MessageView> = messages.into_iter().map(MessageView::from).collect();
+    Ok(HttpResponse::Ok().json(list_body("messages", items, total, page)))
+}
+
+/// `DELETE /api/v1/chats/{chat_id}`: 409 while a WebSocket is open on the chat.
+async fn delete_chat(
+    state: web::Data<AppState>,
+    tenant: web::ReqData<Tenant>,
+    chat_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let chat = owned_chat(&state, &tenant, &chat_id).await?;
+    if state.limits.chat_has_connections(chat.id).await? {
+        return Err(ApiError::ChatInUse);
+    }
+    if !state.store.delete_chat(tenant.id, chat.id).await? {
+        return Err(ApiError::ChatNotFound(chat_id.into_inner()));
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "success": true,
+        "message": "Chat deleted successfully",
+        "deleted_at": Utc::now(),
+    })))
+}

@@ -1,0 +1,56 @@
+//! HTTP routes: the tenant REST API, the operator API, health, and the JSON error plumbing.
+
+pub mod admin;
+pub mod chats;
+pub mod health;
+pub mod ratelimit;
+
+use std::collections::HashMap;
+
+use actix_web::{HttpRequest, HttpResponse, error::JsonPayloadError, web};
+
+use crate::error::ApiError;
+
+/// Registers every route; unknown routes answer 404 in the error shape.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(256 * 1024)
+            .error_handler(json_error),
+    )
+    .app_data(
+        web::PathConfig::default().error_handler(|e, _| ApiError::Invalid(e.to_string()).into()),
+    )
+    .service(web::resource("/healthz").get(health::healthz))
+    .service(web::resource("/readyz").get(health::readyz))
+    .service(web::resource("/ws/chat").get(crate::ws::ws_chat))
+    .service(admin::scope())
+    .service(chats::scope())
+    .default_service(web::to(not_found));
+}
+
+fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    let message = match &err {
+        JsonPayloadError::ContentType => "Content-Type must be application/json".to_owned(),
+        JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
+            "Request body is too large".to_owned()
+        }
+        other => format!("Request body is not valid JSON: {other}"),
+    };
+    ApiError::Invalid(message).into()
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    actix_web::ResponseError::error_response(&ApiError::NotFound(format!(
+        "No route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// Query parameters as strings, tolerant of anything the client sends.
+pub fn query_map(req: &HttpRequest) -> HashMap<String, String> {
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .unwrap_or_default()
+}

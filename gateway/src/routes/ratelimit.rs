@@ -1,0 +1,71 @@
+//! Tenant authentication and the per-tenant REST rate limit, as middleware on `/api/v1`.
+//!
+//! The limit is a fixed one-minute window per tenant kept in the [`Limits`](shared::limits::Limits)
+//! store (in Redis when distributed, so it is counted across gateways). Every response carries
+//! `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (seconds until the window
+//! resets); a refusal is 429 with `Retry-After`.
+
+use std::time::Duration;
+
+use actix_web::{
+    Error, HttpMessage, ResponseError,
+    body::{BoxBody, MessageBody},
+    dev::{ServiceRequest, ServiceResponse},
+    http::header::{HeaderName, HeaderValue},
+    middleware::Next,
+    web,
+};
+use shared::limits::RateDecision;
+
+use crate::{error::ApiError, state::AppState};
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// Resolves `X-API-Key` to a tenant (stored in the request extensions) and counts the request.
+pub async fn tenant_gate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, Error> {
+    let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
+        return Err(ApiError::Unavailable("application state missing".into()).into());
+    };
+    let key = req
+        .headers()
+        .get("X-API-Key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty())
+        .ok_or(ApiError::MissingKey)?
+        .to_owned();
+    let tenant = state.tenants.resolve(&key).await?;
+    let limit = tenant.settings.requests_per_minute;
+    let decision = state
+        .limits
+        .hit(&format!("rest:{}", tenant.id), limit, WINDOW)
+        .await
+        .map_err(ApiError::from)?;
+    if !decision.allowed {
+        let err = ApiError::RateLimited {
+            limit,
+            retry_after_secs: decision.reset_after.as_secs().max(1),
+        };
+        let mut res = req.into_response(err.error_response());
+        add_headers(&mut res, &decision);
+        return Ok(res);
+    }
+    req.extensions_mut().insert(tenant);
+    let mut res = next.call(req).await?.map_into_boxed_body();
+    add_headers(&mut res, &decision);
+    Ok(res)
+}
+
+fn add_headers(res: &mut ServiceResponse<BoxBody>, d: &RateDecision) {
+    let reset = d.reset_after.as_secs_f64().ceil() as u64;
+    let headers = res.headers_mut();
+    for (name, value) in [
+        ("x-ratelimit-limit", u64::from(d.limit)),
+        ("x-ratelimit-remaining", u64::from(d.remaining)),
+        ("x-ratelimit-reset", reset),
+    ] {
+        headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
+    }
+}

@@ -1,0 +1,118 @@
+//! Building and running the application (zero-to-production's `Application::build`).
+
+use std::{net::TcpListener, sync::Arc, time::Duration};
+
+use actix_web::{App, HttpServer, dev::Server, web};
+use anyhow::Context as _;
+use shared::{
+    broker::memory::MemoryBroker,
+    config::Config,
+    limits::memory::MemoryLimits,
+    shutdown::Shutdown,
+    store::{self, Store},
+};
+
+use crate::{routes, state::AppState, tenants};
+
+/// A bound, not yet running, gateway (with its in-process worker in the embedded mode).
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: AppState,
+}
+
+impl Application {
+    /// Opens the store, wires the broker and limits, starts the worker and binds the listener.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        if config.redis_url.is_some() {
+            anyhow::bail!(
+                "PARLEY_REDIS_URL is set, but this build only supports the embedded mode"
+            );
+        }
+        let store = store::connect(&config.database_url)
+            .await
+            .with_context(|| format!("opening the store at {}", config.database_url))?;
+        if config.bootstrap_tenant {
+            bootstrap_tenant(store.as_ref()).await?;
+        }
+        let broker = Arc::new(MemoryBroker::new(config.limits.chat_buffer));
+        let shutdown = Shutdown::new();
+        let worker = worker::Worker::new(store.clone(), broker.clone(), config.worker.clone());
+        shutdown.tracker.spawn(worker.run(shutdown.clone()));
+
+        let listener =
+            TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;
+        let port = listener.local_addr()?.port();
+        let state = AppState::new(
+            store,
+            broker,
+            Arc::new(MemoryLimits::new()),
+            Arc::new(config),
+            shutdown,
+        );
+        let data = web::Data::new(state.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .configure(routes::configure)
+        })
+        .listen(listener)?
+        .disable_signals()
+        .shutdown_timeout(5)
+        .run();
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
+    }
+
+    /// The bound port (useful with `PARLEY_BIND=127.0.0.1:0`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle to stop the application from elsewhere (signals, tests).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            handle: self.server.handle(),
+            state: self.state.clone(),
+        }
+    }
+
+    /// Serves until stopped.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Stops an [`Application`]: not ready, sockets told to reconnect (1012), tasks ended.
+#[derive(Clone)]
+pub struct Stopper {
+    handle: actix_web::dev::ServerHandle,
+    state: AppState,
+}
+
+impl Stopper {
+    /// Drains and stops the server and every background task.
+    pub async fn stop(&self) {
+        self.state.start_draining();
+        self.state.shutdown.token.cancel();
+        self.handle.stop(true).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.state.shutdown.stop()).await;
+    }
+}
+
+/// Creates a `default` tenant when the store has none, and prints its key once.
+async fn bootstrap_tenant(store: &dyn Store) -> anyhow::Result<()> {
+    if !store.list_tenants().await?.is_empty() {
+        return Ok(());
+    }
+    let created = tenants::create(store, "default", None).await?;
+    println!(
+        "\nCreated tenant 'default' ({}). Its API key is shown only this once:\n\n    {}\n\n\
+         More tenants: `gateway tenant create --name NAME`.\n",
+        created.tenant.id, created.api_key
+    );
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! Handshake: parameters from query or headers (query wins), then key, chat and limit checks.
+
+use actix_web::HttpRequest;
+use shared::{limits::ConnectionLease, protocol::validate_user_id, store::Tenant};
+use uuid::Uuid;
+
+use crate::{error::ApiError, routes::query_map, state::AppState};
+
+/// The three handshake parameters, each from the query string or its header.
+#[derive(Debug, Clone, Default)]
+pub struct HandshakeParams {
+    /// `api_key` / `X-API-Key`.
+    pub api_key: Option<String>,
+    /// `user_id` / `X-User-ID`.
+    pub user_id: Option<String>,
+    /// `chat_id` / `X-Chat-ID`.
+    pub chat_id: Option<String>,
+}
+
+impl HandshakeParams {
+    /// Reads the parameters; a query parameter wins over its header.
+    pub fn from_request(req: &HttpRequest) -> Self {
+        let mut query = query_map(req);
+        let mut take = |name: &str, header: &str| {
+            query.remove(name).or_else(|| {
+                req.headers()
+                    .get(header)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+        };
+        Self {
+            api_key: take("api_key", "X-API-Key"),
+            user_id: take("user_id", "X-User-ID"),
+            chat_id: take("chat_id", "X-Chat-ID"),
+        }
+    }
+}
+
+/// A socket that passed the handshake.
+pub struct Accepted {
+    /// The key's tenant.
+    pub tenant: Tenant,
+    /// The chat.
+    pub chat_id: Uuid,
+    /// The user.
+    pub user_id: String,
+    /// Whether this connection created the user.
+    pub user_created: bool,
+    /// The tenant connection slot, released when dropped.
+    pub _lease: ConnectionLease,
+}
+
+fn required(
+    value: Option<String>,
+    name: &'static str,
+    header: &'static str,
+) -> Result<String, ApiError> {
+    value
+        .filter(|v| !v.is_empty())
+        .ok_or(ApiError::MissingParam { name, header })
+}
+
+/// Runs every check of API.md §4 in order: parameters, key, chat, connection limit, user.
+pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepted, ApiError> {
+    if state.is_draining() {
+        return Err(ApiError::Unavailable("gateway is draining".into()));
+    }
+    let api_key = required(params.api_key, "api_key", "X-API-Key")?;
+    let user_id = required(params.user_id, "user_id", "X-User-ID")?;
+    let raw_chat = required(params.chat_id, "chat_id", "X-Chat-ID")?;
+    let tenant = state.tenants.resolve(&api_key).await?;
+    validate_user_id(&user_id).map_err(|reason| ApiError::InvalidParam {
+        name: "user_id",
+        reason,
+    })?;
+    let not_found = || ApiError::ChatNotFound(raw_chat.clone());
+    let chat_id = Uuid::parse_str(&raw_chat).map_err(|_| not_found())?;
+    state
+        .store
+        .get_chat(tenant.id, chat_id)
+        .await?
+        .ok_or_else(not_found)?;
+    let max = tenant.settings.max_connections;
+    let lease = state
+        .limits
+        .acquire_connection(tenant.id, chat_id, max)
+        .await?
+        .ok_or(ApiError::ConnectionLimit(max))?;
+    let user_created = state.store.ensure_user(tenant.id, &user_id).await?;
+    Ok(Accepted {
+        tenant,
+        chat_id,
+        user_id,
+        user_created,
+        _lease: lease,
+    })
+}

@@ -1,0 +1,37 @@
+//! `GET /ws/chat`: the WebSocket endpoint (API.md §4).
+//!
+//! The upgrade always succeeds; the handshake parameters are checked afterwards so that a
+//! browser client can read why it was refused (an `error` event, then close code 1008).
+
+mod handshake;
+mod session;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+
+use crate::state::AppState;
+
+pub use handshake::HandshakeParams;
+
+/// Upgrades the connection and hands the socket to its own task.
+pub async fn ws_chat(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let params = HandshakeParams::from_request(&req);
+    let (response, ws_session, stream) = actix_ws::handle(&req, body)?;
+    let limits = &state.config.limits;
+    let stream = stream
+        .max_frame_size(limits.max_frame_bytes)
+        .aggregate_continuations()
+        .max_continuation_size(limits.max_frame_bytes);
+    let state = state.into_inner();
+    // Sockets run on the worker thread that accepted them (their stream is not `Send`); the
+    // tracker lets shutdown wait for them, and each watches the shutdown token itself.
+    state
+        .shutdown
+        .tracker
+        .clone()
+        .spawn_local(session::run(state, params, ws_session, stream));
+    Ok(response)
+}

@@ -1,0 +1,292 @@
+//! One socket's life: handshake, then a loop over client frames, chat events, heartbeats and
+//! the shutdown signal.
+//!
+//! Outbound events come from the chat's bounded hub channel and go straight to the socket; a
+//! socket that falls more than `chat_buffer` events behind is sent `SLOW_CONSUMER` and closed.
+//! Heartbeats: a WebSocket ping every `heartbeat_interval_secs`; a socket silent for
+//! `idle_timeout_secs` (no frame at all, pongs included) is closed with 1000 "idle timeout".
+//! Shutdown closes with 1012 so that clients reconnect to another gateway.
+
+use std::{
+    num::NonZeroU32,
+    ops::ControlFlow,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix_ws::{
+    AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError, Session,
+};
+use chrono::Utc;
+use governor::{Quota, RateLimiter, clock::Clock, clock::DefaultClock};
+use serde_json::{Map, Value};
+use shared::protocol::{
+    ClientFrame, ErrorCode, ErrorDetails, FrameError, Job, ServerEvent, parse_client_frame,
+};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::handshake::{self, Accepted, HandshakeParams};
+use crate::{error::ApiError, state::AppState};
+
+/// Runs a socket until it closes.
+pub async fn run(
+    state: Arc<AppState>,
+    params: HandshakeParams,
+    session: Session,
+    stream: AggregatedMessageStream,
+) {
+    match handshake::accept(&state, params).await {
+        Ok(accepted) => {
+            Connection::new(state, accepted, session)
+                .serve(stream)
+                .await
+        }
+        Err(err) => refuse(session, &err).await,
+    }
+}
+
+/// Reports a handshake failure, then closes with 1008 (1013 when the gateway cannot serve now).
+async fn refuse(mut session: Session, err: &ApiError) {
+    let code = match err {
+        ApiError::Unavailable(_) => CloseCode::Again,
+        _ => CloseCode::Policy,
+    };
+    if session.text(err.to_event().to_frame()).await.is_ok() {
+        let _ = session.close(Some(close(code, err.code().as_str()))).await;
+    }
+}
+
+fn close(code: CloseCode, description: &str) -> CloseReason {
+    CloseReason {
+        code,
+        description: Some(description.to_owned()),
+    }
+}
+
+type MessageLimiter = governor::DefaultDirectRateLimiter;
+
+struct Connection {
+    state: Arc<AppState>,
+    accepted: Accepted,
+    session: Session,
+    limiter: MessageLimiter,
+}
+
+impl Connection {
+    fn new(state: Arc<AppState>, accepted: Accepted, session: Session) -> Self {
+        let per_second = NonZeroU32::new(accepted.tenant.settings.messages_per_second)
+            .unwrap_or(NonZeroU32::MIN);
+        Self {
+            state,
+            accepted,
+            session,
+            limiter: RateLimiter::direct(Quota::per_second(per_second)),
+        }
+    }
+
+    async fn send(&mut self, event: ServerEvent) -> ControlFlow<()> {
+        match self.session.text(event.to_frame()).await {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+
+    async fn serve(mut self, mut stream: AggregatedMessageStream) {
+        let chat_id = self.accepted.chat_id;
+        let mut events = self.state.broker.subscribe(chat_id);
+        let established = ServerEvent::ConnectionEstablished {
+            timestamp: Utc::now(),
+            user_id: self.accepted.user_id.clone(),
+            chat_id,
+            tenant_id: self.accepted.tenant.id,
+        };
+        if self.send(established).await.is_break() {
+            return;
+        }
+        if self.accepted.user_created {
+            let created = ServerEvent::UserCreated {
+                timestamp: Utc::now(),
+                user_id: self.accepted.user_id.clone(),
+            };
+            if self.send(created).await.is_break() {
+                return;
+            }
+        }
+        let limits = self.state.config.limits.clone();
+        let idle_timeout = Duration::from_secs(limits.idle_timeout_secs);
+        let period = Duration::from_secs(limits.heartbeat_interval_secs.max(1));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut last_seen = Instant::now();
+        let stop = self.state.shutdown.token.clone();
+        let reason = loop {
+            let flow = tokio::select! {
+                () = stop.cancelled() => break Some(close(CloseCode::Restart, "server restarting; reconnect")),
+                event = events.recv() => match event {
+                    Ok(frame) => match self.session.text(frame).await {
+                        Ok(()) => ControlFlow::Continue(()),
+                        Err(_) => break None,
+                    },
+                    Err(RecvError::Lagged(_)) => {
+                        let _ = self.send(ServerEvent::error(ErrorCode::SlowConsumer, "Too many unread events; closing")).await;
+                        break Some(close(CloseCode::Policy, "slow consumer"));
+                    }
+                    Err(RecvError::Closed) => break None,
+                },
+                msg = stream.recv() => {
+                    last_seen = Instant::now();
+                    match msg {
+                        None => break None,
+                        Some(msg) => match self.on_frame(msg).await {
+                            Ok(flow) => flow,
+                            Err(reason) => break reason,
+                        },
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_seen.elapsed() >= idle_timeout {
+                        break Some(close(CloseCode::Normal, "idle timeout"));
+                    }
+                    match self.session.ping(b"").await {
+                        Ok(()) => ControlFlow::Continue(()),
+                        Err(_) => break None,
+                    }
+                }
+            };
+            if flow.is_break() {
+                break None;
+            }
+        };
+        if let Some(reason) = reason {
+            let _ = self.session.close(Some(reason)).await;
+        }
+    }
+
+    /// Handles one client frame; `Err` ends the socket (with a close reason to send, if any).
+    async fn on_frame(
+        &mut self,
+        msg: Result<AggregatedMessage, ProtocolError>,
+    ) -> Result<ControlFlow<()>, Option<CloseReason>> {
+        let invalid = |m: &str| ServerEvent::error(ErrorCode::InvalidMessage, m);
+        Ok(match msg {
+            Ok(AggregatedMessage::Text(text)) => self.on_text(&text).await,
+            Ok(AggregatedMessage::Binary(_)) => {
+                self.send(invalid(
+                    "Binary frames are not supported; send JSON text frames",
+                ))
+                .await
+            }
+            Ok(AggregatedMessage::Ping(bytes)) => match self.session.pong(&bytes).await {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            },
+            Ok(AggregatedMessage::Pong(_)) => ControlFlow::Continue(()),
+            Ok(AggregatedMessage::Close(_)) => return Err(None),
+            Err(ProtocolError::Overflow) => {
+                let max = self.state.config.limits.max_frame_bytes;
+                let message = format!("Frame larger than {max} bytes refused");
+                let _ = self
+                    .send(ServerEvent::error(ErrorCode::MessageTooLarge, message))
+                    .await;
+                return Err(Some(close(CloseCode::Size, "frame too large")));
+            }
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                self.send(invalid("Text frame is not valid UTF-8")).await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket protocol error");
+                return Err(Some(close(CloseCode::Protocol, "protocol error")));
+            }
+        })
+    }
+
+    async fn on_text(&mut self, text: &str) -> ControlFlow<()> {
+        match parse_client_frame(text, self.state.config.limits.max_content_bytes) {
+            Ok(ClientFrame::Ping) => {
+                self.send(ServerEvent::Pong {
+                    timestamp: Utc::now(),
+                })
+                .await
+            }
+            Ok(ClientFrame::Cancel) => {
+                match self.state.broker.cancel(self.accepted.chat_id).await {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => self.send(ApiError::from(e).to_event()).await,
+                }
+            }
+            Ok(ClientFrame::Message { content, metadata }) => {
+                self.on_message(content, metadata).await
+            }
+            Err(e @ FrameError::Invalid(_)) => {
+                self.send(ServerEvent::error(ErrorCode::InvalidMessage, e.to_string()))
+                    .await
+            }
+            Err(e @ FrameError::TooLarge { .. }) => {
+                self.send(ServerEvent::error(
+                    ErrorCode::MessageTooLarge,
+                    e.to_string(),
+                ))
+                .await
+            }
+        }
+    }
+
+    /// Rate-checks, saves, announces and queues a chat message, in that order, so that
+    /// `message_received` is only ever sent for a saved message and precedes its answer.
+    async fn on_message(
+        &mut self,
+        content: String,
+        metadata: Map<String, Value>,
+    ) -> ControlFlow<()> {
+        if let Err(not_until) = self.limiter.check() {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let per_second = self.accepted.tenant.settings.messages_per_second;
+            let details = ErrorDetails {
+                fix: ErrorCode::RateLimited.default_fix().into(),
+                retry_after_ms: Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
+            };
+            let message = format!("Rate limit exceeded: at most {per_second} messages per second");
+            return self
+                .send(ServerEvent::error_with(
+                    ErrorCode::RateLimited,
+                    message,
+                    details,
+                ))
+                .await;
+        }
+        let (chat_id, user_id) = (self.accepted.chat_id, self.accepted.user_id.clone());
+        let saved = match self
+            .state
+            .store
+            .add_user_message(chat_id, &user_id, &content, &metadata)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => return self.send(ApiError::from(e).to_event()).await,
+        };
+        let received = ServerEvent::MessageReceived {
+            timestamp: Utc::now(),
+            message_id: saved.id.clone(),
+            chat_id,
+            user_id: user_id.clone(),
+            content: content.clone(),
+        };
+        if let Err(e) = self.state.broker.publish(chat_id, &received).await {
+            tracing::warn!(error = %e, "could not publish message_received; sending it to the sender only");
+            if self.send(received).await.is_break() {
+                return ControlFlow::Break(());
+            }
+        }
+        let job = Job {
+            message_id: saved.id,
+            chat_id,
+            tenant_id: self.accepted.tenant.id,
+            user_id,
+            content,
+            enqueued_at: Utc::now(),
+        };
+        match self.state.broker.enqueue(job).await {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => self.send(ApiError::from(e).to_event()).await,
+        }
+    }
+}

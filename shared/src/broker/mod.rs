@@ -1,0 +1,59 @@
+//! The broker: how a gateway hands jobs to workers, how workers' events reach every socket of a
+//! chat, and how a cancel reaches the worker answering a chat.
+//!
+//! One interface, chosen by configuration (as in Centrifugo): [`memory::MemoryBroker`] for the
+//! embedded single process; a Redis implementation for the distributed product. Gateways fan
+//! events out to their local sockets through a [`hub::Hub`], which both implementations share.
+
+pub mod hub;
+pub mod memory;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::protocol::{Job, ServerEvent};
+pub use hub::{Hub, Subscription};
+
+/// Broker failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker was shut down.
+    #[error("broker closed")]
+    Closed,
+    /// The backing service is unreachable.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A job handed to a worker; acknowledge it once the answer is saved.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Broker-specific id used to acknowledge.
+    pub id: String,
+    /// How many times this job has been delivered (1 on the first delivery).
+    pub attempt: u32,
+    /// The job.
+    pub job: Job,
+}
+
+/// The one broker interface.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Queues a job. Jobs of one chat are delivered in the order they were queued.
+    async fn enqueue(&self, job: Job) -> Result<(), BrokerError>;
+    /// Waits for the next job; `None` once the broker is closed.
+    async fn next_job(&self) -> Result<Option<Delivery>, BrokerError>;
+    /// Marks a job done so that it is never delivered again.
+    async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError>;
+    /// Sends an event to every socket of the chat, on every gateway.
+    async fn publish(&self, chat_id: Uuid, event: &ServerEvent) -> Result<(), BrokerError>;
+    /// Receives the chat's events on this process until the subscription is dropped.
+    fn subscribe(&self, chat_id: Uuid) -> Subscription;
+    /// Asks whichever worker answers the chat to stop.
+    async fn cancel(&self, chat_id: Uuid) -> Result<(), BrokerError>;
+    /// Cancel requests, for workers.
+    fn cancels(&self) -> broadcast::Receiver<Uuid>;
+    /// Reachability check for `/readyz`.
+    async fn ping(&self) -> Result<(), BrokerError>;
+}

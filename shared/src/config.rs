@@ -1,0 +1,119 @@
+//! Layered configuration: built-in defaults, then an optional TOML file named by `PARLEY_CONFIG`,
+//! then `PARLEY_*` environment variables (nested fields with `__`, e.g.
+//! `PARLEY_LIMITS__MAX_CONTENT_BYTES=65536`).
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of a gateway or worker process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Gateway HTTP/WebSocket listen address (`PARLEY_BIND`).
+    pub bind: String,
+    /// Bearer token that enables `/admin/v1` (`PARLEY_ADMIN_TOKEN`); unset keeps the admin API off.
+    pub admin_token: Option<String>,
+    /// `sqlite://path` (embedded) or `postgres://…` (`PARLEY_DATABASE_URL`).
+    pub database_url: String,
+    /// `redis://…` selects the distributed broker (`PARLEY_REDIS_URL`); unset runs in-process.
+    pub redis_url: Option<String>,
+    /// Prometheus `/metrics` listen address (`PARLEY_METRICS_BIND`).
+    pub metrics_bind: String,
+    /// Log filter in `RUST_LOG` syntax (`PARLEY_LOG`).
+    pub log: String,
+    /// On first start with an empty store, create a `default` tenant and print its key once.
+    pub bootstrap_tenant: bool,
+    /// Protocol limits that are the same for every tenant.
+    pub limits: LimitsConfig,
+    /// The in-process or stand-alone worker.
+    pub worker: WorkerConfig,
+}
+
+/// Protocol-level limits (per-tenant limits live in the tenant's settings).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Largest accepted message `content`, in bytes (`MESSAGE_TOO_LARGE` above).
+    pub max_content_bytes: usize,
+    /// Largest WebSocket frame; bigger frames are refused by the protocol layer and the socket closed (1009).
+    pub max_frame_bytes: usize,
+    /// Seconds between server WebSocket pings.
+    pub heartbeat_interval_secs: u64,
+    /// Seconds without any frame from the client (pongs included) after which the socket is closed.
+    pub idle_timeout_secs: u64,
+    /// Events buffered per chat for slow sockets; a socket that falls further behind is told and closed.
+    pub chat_buffer: usize,
+    /// Seconds a cached tenant (looked up by key) stays fresh; settings changes made through another
+    /// process (the CLI) apply after at most this long.
+    pub tenant_cache_secs: u64,
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkerConfig {
+    /// Most chats answered at the same time by one worker.
+    pub max_concurrent_chats: usize,
+    /// Seconds a worker may take to finish its answers after a stop signal.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: "0.0.0.0:8000".into(),
+            admin_token: None,
+            database_url: "sqlite://parley.db".into(),
+            redis_url: None,
+            metrics_bind: "0.0.0.0:9000".into(),
+            log: "info".into(),
+            bootstrap_tenant: true,
+            limits: LimitsConfig::default(),
+            worker: WorkerConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_content_bytes: 32 * 1024,
+            max_frame_bytes: 64 * 1024,
+            heartbeat_interval_secs: 30,
+            idle_timeout_secs: 90,
+            chat_buffer: 1024,
+            tenant_cache_secs: 2,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_chats: 1024,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+/// A configuration that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+impl Config {
+    /// Reads defaults, then the file named by `PARLEY_CONFIG` if any, then `PARLEY_*` variables.
+    pub fn load() -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Ok(path) = std::env::var("PARLEY_CONFIG") {
+            figment = figment.merge(Toml::file(path));
+        }
+        figment
+            .merge(Env::prefixed("PARLEY_").ignore(&["config"]).split("__"))
+            .extract()
+            .map_err(|e| ConfigError(Box::new(e)))
+    }
+}

@@ -1,0 +1,19 @@
+//! Parley's shared library: everything the gateway and the worker both speak.
+//!
+//! - [`protocol`]: the one definition of every wire event, client frame, job and error code.
+//! - [`config`]: layered configuration (defaults, optional file, `PARLEY_*` environment).
+//! - [`store`]: the durable store trait and its SQLite implementation.
+//! - [`broker`]: job queue, chat fan-out and cancel signals, with an in-process implementation.
+//! - [`limits`]: tenant connection leases and request-rate windows.
+//! - [`keys`]: API key generation and hashing.
+//! - [`telemetry`]: tracing set-up.
+//! - [`shutdown`]: the stop signal shared by every long-running task.
+
+pub mod broker;
+pub mod config;
+pub mod keys;
+pub mod limits;
+pub mod protocol;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,28 @@
+//! The job a gateway queues for a worker: answer one saved user message.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One user message to answer. Everything else (the tenant's agent settings, the history) the
+/// worker reads from the store when it starts, so that settings changes apply without a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// The saved user message (`msg-<uuid>`).
+    pub message_id: String,
+    /// The chat it belongs to; jobs of one chat are answered one at a time, in order.
+    pub chat_id: Uuid,
+    /// The chat's tenant.
+    pub tenant_id: Uuid,
+    /// The user who sent the message.
+    pub user_id: String,
+    /// The message text.
+    pub content: String,
+    /// When the gateway queued it, for queue-lag measurements.
+    pub enqueued_at: DateTime<Utc>,
+}
+
+/// A new message id in the wire form `msg-<uuid>` (UUIDv7, so ids sort by creation time).
+pub fn message_id() -> String {
+    format!("msg-{}", Uuid::now_v7())
+}

@@ -1,0 +1,13 @@
+//! The wire protocol: the single definition of what crosses a socket or the broker.
+//!
+//! Gateway and worker never restate these types; they build and parse them from here.
+
+mod client;
+mod errors;
+mod events;
+mod job;
+
+pub use client::{ClientFrame, FrameError, parse_client_frame, validate_user_id};
+pub use errors::{ErrorCode, ErrorDetails};
+pub use events::{Frame, ServerEvent, Usage};
+pub use job::{Job, message_id};

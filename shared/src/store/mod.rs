@@ -1,0 +1,140 @@
+//! The durable store: the source of truth for tenants, users, chats and messages.
+//!
+//! [`Store`] is the seam: the gateway and the worker only see the trait. [`sqlite::SqliteStore`]
+//! is the embedded implementation; a Postgres one slots in beside it.
+
+mod model;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+pub use model::{AgentSettings, Chat, Message, Page, Role, Tenant, TenantSettings};
+
+/// Store failures. Callers map them to `SERVICE_UNAVAILABLE` or `INTERNAL_ERROR`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or could not be reached.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying the schema failed.
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored JSON column did not parse.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+    /// The database URL names no supported backend.
+    #[error("unsupported database url (expected sqlite://…): {0}")]
+    UnsupportedUrl(String),
+}
+
+/// Result alias for store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A new assistant answer to save.
+#[derive(Debug, Clone)]
+pub struct NewAnswer {
+    /// The id announced in `message_stream_started`.
+    pub id: String,
+    /// Its chat.
+    pub chat_id: Uuid,
+    /// The user on whose behalf the model answered.
+    pub user_id: String,
+    /// The user message answered; at most one answer per message is ever saved.
+    pub reply_to: String,
+    /// The whole answer.
+    pub content: String,
+    /// `model`, `tokens_used`, `finish_reason`, …
+    pub metadata: Map<String, Value>,
+}
+
+/// Everything the product persists. All methods are scoped so that a tenant never sees another's data.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap reachability check for `/readyz`.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates a tenant whose key hashes to `key_hash`.
+    async fn create_tenant(
+        &self,
+        name: &str,
+        settings: &TenantSettings,
+        key_hash: &str,
+    ) -> StoreResult<Tenant>;
+    /// All tenants, oldest first.
+    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>>;
+    /// One tenant.
+    async fn get_tenant(&self, id: Uuid) -> StoreResult<Option<Tenant>>;
+    /// The tenant whose key hashes to `key_hash`.
+    async fn tenant_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Tenant>>;
+    /// Changes name and/or settings; `None` when the tenant does not exist.
+    async fn update_tenant(
+        &self,
+        id: Uuid,
+        name: Option<&str>,
+        settings: Option<&TenantSettings>,
+    ) -> StoreResult<Option<Tenant>>;
+    /// Replaces the key hash (rotation); false when the tenant does not exist.
+    async fn set_tenant_key(&self, id: Uuid, key_hash: &str) -> StoreResult<bool>;
+    /// Deletes a tenant with all its users, chats and messages.
+    async fn delete_tenant(&self, id: Uuid) -> StoreResult<bool>;
+
+    /// Creates the user if new; true when this call created it.
+    async fn ensure_user(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool>;
+    /// Whether the user exists.
+    async fn user_exists(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool>;
+
+    /// Creates a chat (and its user, if new).
+    async fn create_chat(
+        &self,
+        tenant_id: Uuid,
+        user_id: &str,
+        title: &str,
+        metadata: &Map<String, Value>,
+    ) -> StoreResult<Chat>;
+    /// A chat of this tenant.
+    async fn get_chat(&self, tenant_id: Uuid, chat_id: Uuid) -> StoreResult<Option<Chat>>;
+    /// A user's chats (by creation time) and their total count.
+    async fn list_user_chats(
+        &self,
+        tenant_id: Uuid,
+        user_id: &str,
+        page: Page,
+    ) -> StoreResult<(Vec<Chat>, i64)>;
+    /// Deletes a chat and its messages atomically; false when absent.
+    async fn delete_chat(&self, tenant_id: Uuid, chat_id: Uuid) -> StoreResult<bool>;
+
+    /// Saves a user message; durable when this returns.
+    async fn add_user_message(
+        &self,
+        chat_id: Uuid,
+        user_id: &str,
+        content: &str,
+        metadata: &Map<String, Value>,
+    ) -> StoreResult<Message>;
+    /// Saves an answer; false (and nothing saved) when `reply_to` already has one.
+    async fn add_answer(&self, answer: &NewAnswer) -> StoreResult<bool>;
+    /// The saved answer to a user message, if any.
+    async fn answer_to(&self, message_id: &str) -> StoreResult<Option<Message>>;
+    /// A page of a chat's messages (by arrival order) and their total count.
+    async fn list_messages(&self, chat_id: Uuid, page: Page) -> StoreResult<(Vec<Message>, i64)>;
+    /// Up to `limit` messages saved before `message_id`, oldest first (conversation context).
+    async fn history_before(
+        &self,
+        chat_id: Uuid,
+        message_id: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>>;
+}
+
+/// Opens the store named by a database URL and applies its migrations.
+pub async fn connect(database_url: &str) -> StoreResult<Arc<dyn Store>> {
+    if database_url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(database_url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(database_url.to_owned()))
+    }
+}

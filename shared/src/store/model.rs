@@ -1,0 +1,156 @@
+//! The records the store keeps, in the shapes the API returns.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A tenant's limits and model choice (API.md §3); every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Sockets the tenant may hold open at once, across all gateways.
+    pub max_connections: u32,
+    /// Chat messages per second per connection.
+    pub messages_per_second: u32,
+    /// REST requests per minute, across all gateways.
+    pub requests_per_minute: u32,
+    /// The model that answers this tenant's chats.
+    pub agent: AgentSettings,
+}
+
+impl Default for TenantSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 50,
+            messages_per_second: 10,
+            requests_per_minute: 100,
+            agent: AgentSettings::default(),
+        }
+    }
+}
+
+/// Which model answers, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    /// `mock` (built in) or `openai` (an operator-configured endpoint).
+    pub provider: String,
+    /// The model name passed to the provider.
+    pub model: String,
+    /// Sent first in the conversation, when set.
+    pub system_prompt: Option<String>,
+    /// Sampling temperature, when set.
+    pub temperature: Option<f32>,
+    /// Upper bound on answer tokens, when set.
+    pub max_tokens: Option<u32>,
+    /// How many earlier messages of the chat to send as context.
+    pub history_messages: u32,
+    /// Provider-specific options (for `mock`: `reply_tokens`, `first_token_delay_ms`,
+    /// `token_delay_ms`, `fail_after_tokens`).
+    pub options: Map<String, Value>,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            provider: "mock".into(),
+            model: "parley-mock-1".into(),
+            system_prompt: None,
+            temperature: None,
+            max_tokens: None,
+            history_messages: 20,
+            options: Map::new(),
+        }
+    }
+}
+
+/// A tenant as the admin API shows it (never with its key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tenant {
+    /// Tenant id.
+    pub id: Uuid,
+    /// Display name.
+    pub name: String,
+    /// Limits and model choice.
+    pub settings: TenantSettings,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A chat with its message count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chat {
+    /// Chat id.
+    pub id: Uuid,
+    /// Owning tenant.
+    pub tenant_id: Uuid,
+    /// The user it was created for.
+    pub user_id: String,
+    /// Title (generated when not given).
+    pub title: String,
+    /// Client metadata given at creation.
+    pub metadata: Map<String, Value>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change (a new message counts).
+    pub updated_at: DateTime<Utc>,
+    /// Time of the newest message, if any.
+    pub last_message_at: Option<DateTime<Utc>>,
+    /// Number of messages.
+    pub message_count: i64,
+}
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The tenant's user.
+    User,
+    /// The model.
+    Assistant,
+}
+
+impl Role {
+    /// The stored and wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
+}
+
+/// A saved message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// `msg-<uuid>`.
+    pub id: String,
+    /// Its chat.
+    pub chat_id: Uuid,
+    /// Sender role.
+    pub role: Role,
+    /// The user who sent it, or on whose behalf the model answered.
+    pub user_id: String,
+    /// Text.
+    pub content: String,
+    /// For a user message, the client's metadata; for an answer, at least `model` and `tokens_used`.
+    pub metadata: Map<String, Value>,
+    /// For an answer, the user message it answers.
+    pub reply_to: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A window of a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Items to skip.
+    pub offset: i64,
+    /// Most items to return.
+    pub limit: i64,
+    /// Newest first when true.
+    pub descending: bool,
+}

@@ -1,0 +1,441 @@
+//! The embedded store: one SQLite file in WAL mode, through sqlx.
+//!
+//! Every write is a single autocommit statement (counters are kept by a trigger), so writers
+//! only ever wait on SQLite's lock (`busy_timeout`) and never fail a lock upgrade.
+
+use std::{str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::{
+    FromRow, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    types::Json,
+};
+use uuid::Uuid;
+
+use super::{
+    Chat, Message, NewAnswer, Page, Role, Store, StoreError, StoreResult, Tenant, TenantSettings,
+};
+
+/// SQLite-backed [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+#[derive(FromRow)]
+struct TenantRow {
+    id: Uuid,
+    name: String,
+    settings: Json<TenantSettings>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<TenantRow> for Tenant {
+    fn from(r: TenantRow) -> Self {
+        Tenant {
+            id: r.id,
+            name: r.name,
+            settings: r.settings.0,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct ChatRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    user_id: String,
+    title: String,
+    metadata: Json<Map<String, Value>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_message_at: Option<DateTime<Utc>>,
+    message_count: i64,
+}
+
+impl From<ChatRow> for Chat {
+    fn from(r: ChatRow) -> Self {
+        Chat {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            user_id: r.user_id,
+            title: r.title,
+            metadata: r.metadata.0,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            last_message_at: r.last_message_at,
+            message_count: r.message_count,
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct MessageRow {
+    id: String,
+    chat_id: Uuid,
+    sender_role: String,
+    user_id: String,
+    content: String,
+    metadata: Json<Map<String, Value>>,
+    reply_to: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<MessageRow> for Message {
+    type Error = StoreError;
+    fn try_from(r: MessageRow) -> Result<Self, StoreError> {
+        let role = match r.sender_role.as_str() {
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => return Err(StoreError::Corrupt(format!("sender_role {other}"))),
+        };
+        Ok(Message {
+            id: r.id,
+            chat_id: r.chat_id,
+            role,
+            user_id: r.user_id,
+            content: r.content,
+            metadata: r.metadata.0,
+            reply_to: r.reply_to,
+            created_at: r.created_at,
+        })
+    }
+}
+
+const TENANT_COLS: &str = "SELECT id, name, settings, created_at, updated_at FROM tenants";
+const CHAT_COLS: &str = "SELECT id, tenant_id, user_id, title, metadata, created_at, updated_at, \
+                         last_message_at, message_count FROM chats";
+const MESSAGE_COLS: &str = "SELECT id, chat_id, sender_role, user_id, content, metadata, reply_to, \
+                            created_at FROM messages";
+
+fn messages(rows: Vec<MessageRow>) -> StoreResult<Vec<Message>> {
+    rows.into_iter().map(Message::try_from).collect()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` and applies migrations.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_tenant(
+        &self,
+        name: &str,
+        settings: &TenantSettings,
+        key_hash: &str,
+    ) -> StoreResult<Tenant> {
+        let now = Utc::now();
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO tenants (id, name, api_key_hash, settings, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(key_hash)
+        .bind(Json(settings))
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(Tenant {
+            id,
+            name: name.to_owned(),
+            settings: settings.clone(),
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>> {
+        let sql = sqlx::AssertSqlSafe(format!("{TENANT_COLS} ORDER BY created_at, id"));
+        let rows = sqlx::query_as::<_, TenantRow>(sql)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Tenant::from).collect())
+    }
+
+    async fn get_tenant(&self, id: Uuid) -> StoreResult<Option<Tenant>> {
+        let sql = sqlx::AssertSqlSafe(format!("{TENANT_COLS} WHERE id = ?"));
+        let row = sqlx::query_as::<_, TenantRow>(sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Tenant::from))
+    }
+
+    async fn tenant_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Tenant>> {
+        let sql = sqlx::AssertSqlSafe(format!("{TENANT_COLS} WHERE api_key_hash = ?"));
+        let row = sqlx::query_as::<_, TenantRow>(sql)
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Tenant::from))
+    }
+
+    async fn update_tenant(
+        &self,
+        id: Uuid,
+        name: Option<&str>,
+        settings: Option<&TenantSettings>,
+    ) -> StoreResult<Option<Tenant>> {
+        let done = sqlx::query(
+            "UPDATE tenants SET name = COALESCE(?, name), settings = COALESCE(?, settings), \
+             updated_at = ? WHERE id = ?",
+        )
+        .bind(name)
+        .bind(settings.map(Json))
+        .bind(Utc::now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.get_tenant(id).await
+    }
+
+    async fn set_tenant_key(&self, id: Uuid, key_hash: &str) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE tenants SET api_key_hash = ?, updated_at = ? WHERE id = ?")
+            .bind(key_hash)
+            .bind(Utc::now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_tenant(&self, id: Uuid) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM tenants WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn ensure_user(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT OR IGNORE INTO users (tenant_id, user_id, created_at) VALUES (?, ?, ?)",
+        )
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn user_exists(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM users WHERE tenant_id = ? AND user_id = ?")
+                .bind(tenant_id)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn create_chat(
+        &self,
+        tenant_id: Uuid,
+        user_id: &str,
+        title: &str,
+        metadata: &Map<String, Value>,
+    ) -> StoreResult<Chat> {
+        self.ensure_user(tenant_id, user_id).await?;
+        let now = Utc::now();
+        let chat = Chat {
+            id: Uuid::new_v4(),
+            tenant_id,
+            user_id: user_id.to_owned(),
+            title: title.to_owned(),
+            metadata: metadata.clone(),
+            created_at: now,
+            updated_at: now,
+            last_message_at: None,
+            message_count: 0,
+        };
+        sqlx::query(
+            "INSERT INTO chats (id, tenant_id, user_id, title, metadata, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(chat.id)
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(title)
+        .bind(Json(metadata))
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(chat)
+    }
+
+    async fn get_chat(&self, tenant_id: Uuid, chat_id: Uuid) -> StoreResult<Option<Chat>> {
+        let sql = sqlx::AssertSqlSafe(format!("{CHAT_COLS} WHERE id = ? AND tenant_id = ?"));
+        let row = sqlx::query_as::<_, ChatRow>(sql)
+            .bind(chat_id)
+            .bind(tenant_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Chat::from))
+    }
+
+    async fn list_user_chats(
+        &self,
+        tenant_id: Uuid,
+        user_id: &str,
+        page: Page,
+    ) -> StoreResult<(Vec<Chat>, i64)> {
+        let dir = if page.descending { "DESC" } else { "ASC" };
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{CHAT_COLS} WHERE tenant_id = ? AND user_id = ? \
+             ORDER BY created_at {dir}, rowid {dir} LIMIT ? OFFSET ?"
+        ));
+        let rows = sqlx::query_as::<_, ChatRow>(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(page.limit)
+            .bind(page.offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let total: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE tenant_id = ? AND user_id = ?")
+                .bind(tenant_id)
+                .bind(user_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((rows.into_iter().map(Chat::from).collect(), total))
+    }
+
+    async fn delete_chat(&self, tenant_id: Uuid, chat_id: Uuid) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM chats WHERE id = ? AND tenant_id = ?")
+            .bind(chat_id)
+            .bind(tenant_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn add_user_message(
+        &self,
+        chat_id: Uuid,
+        user_id: &str,
+        content: &str,
+        metadata: &Map<String, Value>,
+    ) -> StoreResult<Message> {
+        let message = Message {
+            id: crate::protocol::message_id(),
+            chat_id,
+            role: Role::User,
+            user_id: user_id.to_owned(),
+            content: content.to_owned(),
+            metadata: metadata.clone(),
+            reply_to: None,
+            created_at: Utc::now(),
+        };
+        sqlx::query(
+            "INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, created_at) \
+             VALUES (?, ?, 'user', ?, ?, ?, ?)",
+        )
+        .bind(&message.id)
+        .bind(chat_id)
+        .bind(user_id)
+        .bind(content)
+        .bind(Json(metadata))
+        .bind(message.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(message)
+    }
+
+    async fn add_answer(&self, a: &NewAnswer) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at) \
+             VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&a.id)
+        .bind(a.chat_id)
+        .bind(&a.user_id)
+        .bind(&a.content)
+        .bind(Json(&a.metadata))
+        .bind(&a.reply_to)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn answer_to(&self, message_id: &str) -> StoreResult<Option<Message>> {
+        let sql = sqlx::AssertSqlSafe(format!("{MESSAGE_COLS} WHERE reply_to = ?"));
+        let row = sqlx::query_as::<_, MessageRow>(sql)
+            .bind(message_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(Message::try_from).transpose()
+    }
+
+    async fn list_messages(&self, chat_id: Uuid, page: Page) -> StoreResult<(Vec<Message>, i64)> {
+        let dir = if page.descending { "DESC" } else { "ASC" };
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{MESSAGE_COLS} WHERE chat_id = ? ORDER BY seq {dir} LIMIT ? OFFSET ?"
+        ));
+        let rows = sqlx::query_as::<_, MessageRow>(sql)
+            .bind(chat_id)
+            .bind(page.limit)
+            .bind(page.offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE chat_id = ?")
+            .bind(chat_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((messages(rows)?, total))
+    }
+
+    async fn history_before(
+        &self,
+        chat_id: Uuid,
+        message_id: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{MESSAGE_COLS} WHERE chat_id = ? AND seq < (SELECT seq FROM messages WHERE id = ?) \
+             ORDER BY seq DESC LIMIT ?"
+        ));
+        let rows = sqlx::query_as::<_, MessageRow>(sql)
+            .bind(chat_id)
+            .bind(message_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut history = messages(rows)?;
+        history.reverse();
+        Ok(history)
+    }
+}

@@ -1,0 +1,258 @@
+//! Answering one message: context, model stream, cancel, save, events.
+//!
+//! Event order on the chat: `message_stream_started`, the tokens, then `message_stream_ended`
+//! (sent only after the answer is saved, its `content` equal to the tokens). On a model failure
+//! the partial answer (if any tokens went out) is saved with `finish_reason: "error"` and
+//! announced with `message_stream_ended`; an `error` event with `AI_ERROR` always closes the
+//! stream. A message that already has a saved answer is never answered again.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde_json::{Map, Value, json};
+use shared::{
+    broker::Delivery,
+    protocol::{ErrorCode, Job, ServerEvent, Usage, message_id},
+    shutdown::CancellationToken,
+    store::{Message, NewAnswer, Role, StoreError},
+};
+
+use crate::{
+    Context,
+    provider::{ChatMessage, ChatRequest, ProviderError, StreamItem},
+};
+
+/// How a stream ended.
+struct Outcome {
+    content: String,
+    tokens: u32,
+    finish_reason: &'static str,
+    usage: Option<Usage>,
+    error: Option<ProviderError>,
+}
+
+/// Forwards cancel requests to the answer in progress on that chat, if any.
+pub async fn listen_for_cancels(ctx: Arc<Context>) {
+    let mut cancels = ctx.broker.cancels();
+    loop {
+        match cancels.recv().await {
+            Ok(chat_id) => {
+                if let Some(token) = ctx.active.get(&chat_id) {
+                    token.cancel();
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Answers one delivery and acknowledges it. Failures are reported on the chat, never retried
+/// here: the broker decides about redelivery.
+pub async fn answer(ctx: &Context, delivery: Delivery) {
+    if let Err(e) = try_answer(ctx, &delivery.job).await {
+        tracing::error!(error = %e, chat_id = %delivery.job.chat_id, "answer failed");
+        let event = ServerEvent::error(ErrorCode::AiError, "The answer could not be produced");
+        let _ = ctx.broker.publish(delivery.job.chat_id, &event).await;
+    }
+    if let Err(e) = ctx.broker.ack(&delivery).await {
+        tracing::warn!(error = %e, "could not acknowledge a job");
+    }
+}
+
+async fn try_answer(ctx: &Context, job: &Job) -> Result<(), StoreError> {
+    if ctx.store.answer_to(&job.message_id).await?.is_some() {
+        return Ok(());
+    }
+    let Some(tenant) = ctx.store.get_tenant(job.tenant_id).await? else {
+        return Ok(());
+    };
+    if ctx
+        .store
+        .get_chat(job.tenant_id, job.chat_id)
+        .await?
+        .is_none()
+    {
+        return Ok(());
+    }
+    let agent = tenant.settings.agent;
+    let history = ctx
+        .store
+        .history_before(job.chat_id, &job.message_id, agent.history_messages)
+        .await?;
+    let request = ChatRequest {
+        model: agent.model.clone(),
+        messages: conversation(agent.system_prompt.as_deref(), &history, &job.content),
+        temperature: agent.temperature,
+        max_tokens: agent.max_tokens,
+        options: agent.options.clone(),
+    };
+    let answer_id = message_id();
+    publish(
+        ctx,
+        job,
+        ServerEvent::MessageStreamStarted {
+            timestamp: Utc::now(),
+            chat_id: job.chat_id,
+            user_id: job.user_id.clone(),
+            message_id: answer_id.clone(),
+            reply_to: job.message_id.clone(),
+        },
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    ctx.active.insert(job.chat_id, cancel.clone());
+    let outcome = stream_answer(ctx, job, &agent.provider, request, &cancel).await;
+    ctx.active.remove(&job.chat_id);
+    finish(ctx, job, answer_id, &agent.model, outcome).await
+}
+
+/// System prompt, then history in order, then the new message.
+fn conversation(system: Option<&str>, history: &[Message], content: &str) -> Vec<ChatMessage> {
+    let system = system.map(|s| ChatMessage {
+        role: "system",
+        content: s.to_owned(),
+    });
+    let earlier = history.iter().map(|m| ChatMessage {
+        role: match m.role {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        },
+        content: m.content.clone(),
+    });
+    let new = ChatMessage {
+        role: "user",
+        content: content.to_owned(),
+    };
+    system
+        .into_iter()
+        .chain(earlier)
+        .chain(std::iter::once(new))
+        .collect()
+}
+
+async fn stream_answer(
+    ctx: &Context,
+    job: &Job,
+    provider: &str,
+    request: ChatRequest,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let mut out = Outcome {
+        content: String::new(),
+        tokens: 0,
+        finish_reason: "error",
+        usage: None,
+        error: None,
+    };
+    let mut stream = match ctx.providers.get(provider) {
+        Ok(p) => p.stream(request),
+        Err(e) => {
+            out.error = Some(e);
+            return out;
+        }
+    };
+    loop {
+        let item = tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                out.finish_reason = "cancelled";
+                return out;
+            }
+            item = stream.next() => item,
+        };
+        match item {
+            Some(Ok(StreamItem::Delta(token))) => {
+                out.content.push_str(&token);
+                out.tokens += 1;
+                publish(ctx, job, ServerEvent::token(job.chat_id, token)).await;
+            }
+            Some(Ok(StreamItem::Done {
+                finish_reason,
+                usage,
+            })) => {
+                out.finish_reason = if finish_reason == "length" {
+                    "length"
+                } else {
+                    "stop"
+                };
+                out.usage = usage;
+                return out;
+            }
+            Some(Err(e)) => {
+                out.error = Some(e);
+                return out;
+            }
+            None => {
+                out.error = Some(ProviderError::Failed(
+                    "stream ended before completion".into(),
+                ));
+                return out;
+            }
+        }
+    }
+}
+
+async fn finish(
+    ctx: &Context,
+    job: &Job,
+    answer_id: String,
+    model: &str,
+    out: Outcome,
+) -> Result<(), StoreError> {
+    let announce = out.error.is_none() || out.tokens > 0;
+    if announce {
+        let tokens_used = out.usage.map_or(out.tokens, |u| u.completion_tokens);
+        let mut metadata = Map::new();
+        metadata.insert("model".into(), Value::from(model));
+        metadata.insert("tokens_used".into(), Value::from(tokens_used));
+        metadata.insert("finish_reason".into(), Value::from(out.finish_reason));
+        if let Some(u) = out.usage {
+            metadata.insert("usage".into(), json!(u));
+        }
+        let saved = ctx
+            .store
+            .add_answer(&NewAnswer {
+                id: answer_id.clone(),
+                chat_id: job.chat_id,
+                user_id: job.user_id.clone(),
+                reply_to: job.message_id.clone(),
+                content: out.content.clone(),
+                metadata,
+            })
+            .await?;
+        if saved {
+            publish(
+                ctx,
+                job,
+                ServerEvent::MessageStreamEnded {
+                    timestamp: Utc::now(),
+                    message_id: answer_id,
+                    chat_id: job.chat_id,
+                    user_id: job.user_id.clone(),
+                    content: out.content,
+                    finish_reason: out.finish_reason.into(),
+                    usage: out.usage,
+                },
+            )
+            .await;
+        }
+    }
+    if let Some(e) = out.error {
+        tracing::warn!(error = %e, chat_id = %job.chat_id, "model failed");
+        publish(
+            ctx,
+            job,
+            ServerEvent::error(ErrorCode::AiError, format!("The AI model failed: {e}")),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+async fn publish(ctx: &Context, job: &Job, event: ServerEvent) {
+    if let Err(e) = ctx.broker.publish(job.chat_id, &event).await {
+        tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish an event");
+    }
+}

@@ -1,0 +1,82 @@
+//! Per-chat ordering: a chat's jobs are answered one at a time, in the order they were
+//! delivered; different chats run in parallel up to `max_concurrent_chats`.
+//!
+//! The first job of an idle chat starts a task for that chat; later jobs of a busy chat wait in
+//! its queue, and the task takes them in turn until the queue is empty.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+};
+
+use shared::{broker::Delivery, shutdown::Shutdown};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::{Context, answer};
+
+type Queues = Arc<Mutex<HashMap<Uuid, VecDeque<Delivery>>>>;
+
+/// Takes jobs from the broker until shutdown and hands them to per-chat tasks.
+pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
+    let queues: Queues = Arc::default();
+    let permits = Arc::new(Semaphore::new(ctx.config.max_concurrent_chats.max(1)));
+    loop {
+        let delivery = tokio::select! {
+            () = shutdown.token.cancelled() => return,
+            next = ctx.broker.next_job() => next,
+        };
+        let delivery = match delivery {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take a job; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if let Some(first) = enqueue(&queues, delivery) {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (ctx, queues) = (ctx.clone(), queues.clone());
+            shutdown.spawn(async move {
+                drain_chat(ctx, queues, first).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Adds the job to its chat's queue; returns it when the chat was idle and needs a task.
+fn enqueue(queues: &Queues, delivery: Delivery) -> Option<Delivery> {
+    let mut map = queues
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match map.get_mut(&delivery.job.chat_id) {
+        Some(queue) => {
+            queue.push_back(delivery);
+            None
+        }
+        None => {
+            map.insert(delivery.job.chat_id, VecDeque::new());
+            Some(delivery)
+        }
+    }
+}
+
+/// Answers `first`, then the chat's queued jobs in order, then retires the chat.
+async fn drain_chat(ctx: Arc<Context>, queues: Queues, first: Delivery) {
+    let chat_id = first.job.chat_id;
+    let mut next = Some(first);
+    while let Some(delivery) = next {
+        answer::answer(&ctx, delivery).await;
+        let mut map = queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        next = map.get_mut(&chat_id).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            map.remove(&chat_id);
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Parley's worker: takes queued user messages, asks the tenant's model, streams the answer to
+//! the chat's sockets token by token and saves it.
+//!
+//! - [`dispatch`]: one chat's messages one at a time in arrival order, different chats in parallel.
+//! - [`answer`]: answering one message (context, streaming, cancel, saving, errors).
+//! - [`provider`]: the model seam (`mock` built in).
+//!
+//! In the embedded mode the gateway runs [`Worker::run`] in its own process.
+
+pub mod answer;
+pub mod dispatch;
+pub mod provider;
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use shared::{broker::Broker, config::WorkerConfig, shutdown::CancellationToken, store::Store};
+use uuid::Uuid;
+
+pub use provider::Providers;
+
+/// What every answer needs, shared by all tasks of one worker.
+pub struct Context {
+    /// The durable store.
+    pub store: Arc<dyn Store>,
+    /// Jobs in, events out.
+    pub broker: Arc<dyn Broker>,
+    /// The models.
+    pub providers: Providers,
+    /// Cancel handles of the answers in progress, by chat.
+    pub active: DashMap<Uuid, CancellationToken>,
+    /// Worker settings.
+    pub config: WorkerConfig,
+}
+
+/// A worker bound to a store and a broker.
+pub struct Worker {
+    ctx: Arc<Context>,
+}
+
+impl Worker {
+    /// A worker with the built-in providers.
+    pub fn new(store: Arc<dyn Store>, broker: Arc<dyn Broker>, config: WorkerConfig) -> Self {
+        Self {
+            ctx: Arc::new(Context {
+                store,
+                broker,
+                providers: Providers::builtin(),
+                active: DashMap::new(),
+                config,
+            }),
+        }
+    }
+
+    /// Consumes jobs until `shutdown` fires (or the broker closes). Spawns its tasks on `shutdown`.
+    pub async fn run(self, shutdown: shared::shutdown::Shutdown) {
+        let cancels = answer::listen_for_cancels(self.ctx.clone());
+        shutdown.spawn(cancels);
+        dispatch::run(self.ctx, shutdown).await;
+    }
+}
