@@ -180,7 +180,10 @@ impl Connection {
                 Err(_) => ControlFlow::Break(()),
             },
             Ok(AggregatedMessage::Pong(_)) => ControlFlow::Continue(()),
-            Ok(AggregatedMessage::Close(_)) => return Err(None),
+            // Answer the client's close so that it sees a clean closing handshake.
+            Ok(AggregatedMessage::Close(reason)) => {
+                return Err(Some(reason.unwrap_or_else(|| CloseCode::Normal.into())));
+            }
             Err(ProtocolError::Overflow) => {
                 let max = self.state.config.limits.max_frame_bytes;
                 let message = format!("Frame larger than {max} bytes refused");

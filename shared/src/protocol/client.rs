@@ -78,6 +78,21 @@ pub fn parse_client_frame(text: &str, max_content_bytes: usize) -> Result<Client
     Ok(ClientFrame::Message { content, metadata })
 }
 
+/// Checks a tenant-chosen `user_id`: 1 to 128 characters, no control characters.
+pub fn validate_user_id(user_id: &str) -> Result<(), &'static str> {
+    let len = user_id.chars().count();
+    if len == 0 {
+        return Err("user_id must not be empty");
+    }
+    if len > 128 {
+        return Err("user_id must be at most 128 characters");
+    }
+    if user_id.chars().any(char::is_control) {
+        return Err("user_id must not contain control characters");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,19 +129,4 @@ mod tests {
             Err(FrameError::TooLarge { size: 11, max: 10 })
         ));
     }
-}
-
-/// Checks a tenant-chosen `user_id`: 1 to 128 characters, no control characters.
-pub fn validate_user_id(user_id: &str) -> Result<(), &'static str> {
-    let len = user_id.chars().count();
-    if len == 0 {
-        return Err("user_id must not be empty");
-    }
-    if len > 128 {
-        return Err("user_id must be at most 128 characters");
-    }
-    if user_id.chars().any(char::is_control) {
-        return Err("user_id must not contain control characters");
-    }
-    Ok(())
 }

@@ -1,0 +1,248 @@
+//! `spawn_app` and a small WebSocket client for the tests.
+
+use std::{path::PathBuf, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use gateway::{Application, Stopper};
+use serde_json::{Value, json};
+use shared::config::Config;
+use tempfile::TempDir;
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, connect_async,
+    tungstenite::{Message, client::IntoClientRequest, protocol::frame::coding::CloseCode},
+};
+
+pub const ADMIN: &str = "test-admin-token";
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+pub struct TestApp {
+    pub port: u16,
+    pub http: reqwest::Client,
+    pub api_key: String,
+    pub tenant_id: String,
+    pub db_path: PathBuf,
+    stopper: Stopper,
+    _dir: Option<TempDir>,
+}
+
+/// The app on port 0 with a fresh SQLite file and a fresh tenant.
+pub async fn spawn_app() -> TestApp {
+    spawn_with(|_| {}).await
+}
+
+/// As [`spawn_app`], with a configuration tweak.
+pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let dir = TempDir::new().expect("temp dir");
+    let path = dir.path().join("parley.db");
+    let mut app = start(&path, tweak).await;
+    app._dir = Some(dir);
+    app
+}
+
+/// Starts the app on an existing database file (for restart tests); creates a tenant.
+pub async fn start(path: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let mut config = Config {
+        bind: "127.0.0.1:0".into(),
+        database_url: format!("sqlite://{}", path.display()),
+        admin_token: Some(ADMIN.into()),
+        bootstrap_tenant: false,
+        ..Config::default()
+    };
+    tweak(&mut config);
+    let admin_on = config.admin_token.is_some();
+    shared::telemetry::init("warn");
+    let app = Application::build(config).await.expect("app builds");
+    let port = app.port();
+    let stopper = app.stopper();
+    tokio::spawn(app.run_until_stopped());
+    let mut test = TestApp {
+        port,
+        http: reqwest::Client::new(),
+        api_key: String::new(),
+        tenant_id: String::new(),
+        db_path: path.to_owned(),
+        stopper,
+        _dir: None,
+    };
+    if admin_on {
+        let tenant = test.create_tenant(json!({"name": "test"})).await;
+        test.api_key = tenant["api_key"].as_str().expect("key").to_owned();
+        test.tenant_id = tenant["id"].as_str().expect("id").to_owned();
+    }
+    test
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub async fn stop(&self) {
+        self.stopper.stop().await;
+    }
+
+    /// `POST /admin/v1/tenants` → the JSON body (with `api_key`).
+    pub async fn create_tenant(&self, body: Value) -> Value {
+        let res = self
+            .http
+            .post(self.url("/admin/v1/tenants"))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status(), 201);
+        res.json().await.expect("json")
+    }
+
+    /// A tenant with these settings; returns its API key.
+    pub async fn tenant_with(&self, settings: Value) -> String {
+        let t = self
+            .create_tenant(json!({"name": "custom", "settings": settings}))
+            .await;
+        t["api_key"].as_str().expect("key").to_owned()
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn delete(&self, key: &str, path: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn post_chat(&self, key: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/api/v1/chats/"))
+            .header("X-API-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Creates a chat for `user_id` with the default tenant; returns its id.
+    pub async fn chat(&self, user_id: &str) -> String {
+        self.chat_as(&self.api_key, user_id).await
+    }
+
+    pub async fn chat_as(&self, key: &str, user_id: &str) -> String {
+        let res = self.post_chat(key, json!({"user_id": user_id})).await;
+        assert_eq!(res.status(), 201);
+        let body: Value = res.json().await.expect("json");
+        body["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Opens a socket with query parameters.
+    pub async fn ws(&self, key: &str, user_id: &str, chat_id: &str) -> Ws {
+        let url = format!(
+            "ws://127.0.0.1:{}/ws/chat?api_key={key}&user_id={}&chat_id={chat_id}",
+            self.port,
+            urlencode(user_id)
+        );
+        Ws::open(url.into_client_request().expect("request")).await
+    }
+}
+
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub struct Ws {
+    pub inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+impl Ws {
+    pub async fn open(req: tokio_tungstenite::tungstenite::handshake::client::Request) -> Ws {
+        let (inner, _) = connect_async(req).await.expect("websocket connects");
+        Ws { inner }
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.inner
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send(&mut self, m: Message) {
+        self.inner.send(m).await.expect("send");
+    }
+
+    /// The next JSON event (pings are answered and skipped); panics on close or timeout.
+    pub async fn next(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("event in time")
+                .expect("socket open")
+                .expect("frame");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).expect("json event"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// Events up to and including the first of `event_type`.
+    pub async fn until(&mut self, event_type: &str) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let e = self.next().await;
+            let done = e["event_type"] == event_type;
+            seen.push(e);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// Waits for the close frame; returns its code and reason.
+    pub async fn closed(&mut self) -> (u16, String) {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("close in time");
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) | None => {
+                    return (u16::from(CloseCode::Status), String::new());
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket error before close: {e}"),
+            }
+        }
+    }
+}
+
+/// The tokens and the end event of one answer, after `message_stream_started`.
+pub fn tokens_of(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter(|e| e["event_type"] == "message_stream_token")
+        .map(|e| e["token"].as_str().expect("token"))
+        .collect()
+}

@@ -1,0 +1,9 @@
+//! Black-box tests: the real application on port 0, driven over HTTP and WebSocket.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod admin;
+mod clients;
+mod helpers;
+mod rest;
+mod ws_errors;
+mod ws_flow;
