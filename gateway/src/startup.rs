@@ -5,7 +5,7 @@ use std::{net::TcpListener, sync::Arc, time::Duration};
 use actix_web::{App, HttpServer, dev::Server, web};
 use anyhow::Context as _;
 use shared::{
-    broker::memory::MemoryBroker,
+    broker::{Broker, memory::MemoryBroker},
     config::Config,
     limits::memory::MemoryLimits,
     shutdown::Shutdown,
@@ -39,6 +39,7 @@ impl Application {
         let shutdown = Shutdown::new();
         let worker = worker::Worker::new(store.clone(), broker.clone(), config.worker.clone());
         shutdown.tracker.spawn(worker.run(shutdown.clone()));
+        requeue_unanswered(store.as_ref(), broker.as_ref()).await?;
 
         let listener =
             TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;
@@ -101,6 +102,22 @@ impl Stopper {
         self.handle.stop(true).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), self.state.shutdown.stop()).await;
     }
+}
+
+/// Queues again the messages a previous run saved but did not answer: the in-process queue
+/// does not survive a restart, and a message acknowledged with `message_received` must not be lost.
+async fn requeue_unanswered(store: &dyn Store, broker: &dyn Broker) -> anyhow::Result<()> {
+    let jobs = store.unanswered(100_000).await?;
+    if !jobs.is_empty() {
+        tracing::info!(
+            count = jobs.len(),
+            "re-queueing messages left unanswered by the previous run"
+        );
+    }
+    for job in jobs {
+        broker.enqueue(job).await?;
+    }
+    Ok(())
 }
 
 /// Creates a `default` tenant when the store has none, and prints its key once.

@@ -405,3 +405,70 @@ async fn chats_and_messages_survive_a_restart() -> TestResult {
     assert_eq!(v["messages"][1]["content"], answer);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_message_unanswered_at_shutdown_is_answered_after_the_restart() -> TestResult {
+    let dir = tempfile::TempDir::new()?;
+    let path = dir.path().join("requeue.db");
+    let app = start(&path, |_| {}).await;
+    let key = app
+        .tenant_with(json!({"agent": {"options": {"first_token_delay_ms": 60_000}}}))
+        .await;
+    let id = app.chat_as(&key, "u1").await;
+    let mut ws = app.ws(&key, "u1", &id).await;
+    ws.send_json(json!({"content": "answer me later"})).await;
+    ws.until("message_stream_started").await;
+    drop(ws);
+    app.stop().await;
+
+    let again = start(&path, |_| {}).await;
+    let tenant: Value = again
+        .http
+        .get(again.url("/admin/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let tenant_id = tenant["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "custom")
+        .unwrap()["id"]
+        .clone();
+    // The first attempt after the restart still waits a minute; speed it up and restart again.
+    let res = again
+        .http
+        .patch(again.url(&format!(
+            "/admin/v1/tenants/{}",
+            tenant_id.as_str().unwrap()
+        )))
+        .bearer_auth(ADMIN)
+        .json(&json!({"settings": {"agent": {"options": {"first_token_delay_ms": 0}}}}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    again.stop().await;
+    let third = start(&path, |_| {}).await;
+    let mut total = 0;
+    for _ in 0..100 {
+        let v = body(
+            third
+                .get(&key, &format!("/api/v1/chats/{id}/messages"))
+                .await,
+        )
+        .await;
+        total = v["total"].as_i64().unwrap();
+        if total == 2 {
+            assert_eq!(v["messages"][1]["sender_role"], "assistant");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        total, 2,
+        "the message was answered exactly once after the restart"
+    );
+    Ok(())
+}

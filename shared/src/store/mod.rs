@@ -121,6 +121,9 @@ pub trait Store: Send + Sync + 'static {
     async fn answer_to(&self, message_id: &str) -> StoreResult<Option<Message>>;
     /// A page of a chat's messages (by arrival order) and their total count.
     async fn list_messages(&self, chat_id: Uuid, page: Page) -> StoreResult<(Vec<Message>, i64)>;
+    /// User messages that have no answer yet, oldest first, as jobs to queue again (used by the
+    /// embedded mode at start-up, whose in-process queue did not survive the restart).
+    async fn unanswered(&self, limit: u32) -> StoreResult<Vec<crate::protocol::Job>>;
     /// Up to `limit` messages saved before `message_id`, oldest first (conversation context).
     async fn history_before(
         &self,

@@ -18,6 +18,7 @@ use uuid::Uuid;
 use super::{
     Chat, Message, NewAnswer, Page, Role, Store, StoreError, StoreResult, Tenant, TenantSettings,
 };
+use crate::protocol::Job;
 
 /// SQLite-backed [`Store`].
 #[derive(Clone)]
@@ -416,6 +417,32 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await?;
         Ok((messages(rows)?, total))
+    }
+
+    async fn unanswered(&self, limit: u32) -> StoreResult<Vec<Job>> {
+        let rows: Vec<(String, Uuid, Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT m.id, m.chat_id, c.tenant_id, m.user_id, m.content, m.created_at \
+             FROM messages m JOIN chats c ON c.id = m.chat_id \
+             WHERE m.sender_role = 'user' \
+               AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.reply_to = m.id) \
+             ORDER BY m.seq LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(message_id, chat_id, tenant_id, user_id, content, enqueued_at)| Job {
+                    message_id,
+                    chat_id,
+                    tenant_id,
+                    user_id,
+                    content,
+                    enqueued_at,
+                },
+            )
+            .collect())
     }
 
     async fn history_before(
