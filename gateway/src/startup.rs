@@ -9,7 +9,7 @@ use shared::{
     config::Config,
     limits::memory::MemoryLimits,
     shutdown::Shutdown,
-    store::{self, Store},
+    store::{self, Store, TenantCache},
 };
 
 use crate::{routes, state::AppState, tenants};
@@ -37,7 +37,11 @@ impl Application {
         }
         let broker = Arc::new(MemoryBroker::new(config.limits.chat_buffer));
         let shutdown = Shutdown::new();
-        let worker = worker::Worker::new(store.clone(), broker.clone(), config.worker.clone());
+        let tenants = TenantCache::new(
+            store.clone(),
+            Duration::from_secs(config.limits.tenant_cache_secs),
+        );
+        let worker = worker::Worker::new(tenants.clone(), broker.clone(), config.worker.clone());
         shutdown.tracker.spawn(worker.run(shutdown.clone()));
         requeue_unanswered(store.as_ref(), broker.as_ref()).await?;
 
@@ -49,6 +53,7 @@ impl Application {
             broker,
             Arc::new(MemoryLimits::new()),
             Arc::new(config),
+            tenants,
             shutdown,
         );
         let data = web::Data::new(state.clone());

@@ -5,9 +5,13 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use shared::{broker::Broker, config::Config, limits::Limits, shutdown::Shutdown, store::Store};
-
-use crate::auth::TenantCache;
+use shared::{
+    broker::Broker,
+    config::Config,
+    limits::Limits,
+    shutdown::Shutdown,
+    store::{Store, TenantCache},
+};
 
 /// Shared, cheaply cloned application state.
 #[derive(Clone)]
@@ -34,9 +38,9 @@ impl AppState {
         broker: Arc<dyn Broker>,
         limits: Arc<dyn Limits>,
         config: Arc<Config>,
+        tenants: TenantCache,
         shutdown: Shutdown,
     ) -> Self {
-        let tenants = TenantCache::new(store.clone(), config.limits.tenant_cache_secs);
         Self {
             store,
             broker,

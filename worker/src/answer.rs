@@ -51,7 +51,7 @@ pub async fn listen_for_cancels(ctx: Arc<Context>) {
 /// Answers one delivery and acknowledges it. Failures are reported on the chat, never retried
 /// here: the broker decides about redelivery.
 pub async fn answer(ctx: &Context, delivery: Delivery) {
-    if let Err(e) = try_answer(ctx, &delivery.job).await {
+    if let Err(e) = try_answer(ctx, &delivery).await {
         tracing::error!(error = %e, chat_id = %delivery.job.chat_id, "answer failed");
         let event = ServerEvent::error(ErrorCode::AiError, "The answer could not be produced");
         let _ = ctx.broker.publish(delivery.job.chat_id, &event).await;
@@ -61,21 +61,16 @@ pub async fn answer(ctx: &Context, delivery: Delivery) {
     }
 }
 
-async fn try_answer(ctx: &Context, job: &Job) -> Result<(), StoreError> {
-    if ctx.store.answer_to(&job.message_id).await?.is_some() {
+async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError> {
+    let job = &delivery.job;
+    // Only a redelivered job can already have an answer; the unique `reply_to` of the store
+    // guarantees at most one saved answer either way.
+    if delivery.attempt > 1 && ctx.store.answer_to(&job.message_id).await?.is_some() {
         return Ok(());
     }
-    let Some(tenant) = ctx.store.get_tenant(job.tenant_id).await? else {
+    let Some(tenant) = ctx.tenants.by_id(job.tenant_id).await? else {
         return Ok(());
     };
-    if ctx
-        .store
-        .get_chat(job.tenant_id, job.chat_id)
-        .await?
-        .is_none()
-    {
-        return Ok(());
-    }
     let agent = tenant.settings.agent;
     let history = ctx
         .store

@@ -14,7 +14,12 @@ pub mod provider;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use shared::{broker::Broker, config::WorkerConfig, shutdown::CancellationToken, store::Store};
+use shared::{
+    broker::Broker,
+    config::WorkerConfig,
+    shutdown::CancellationToken,
+    store::{Store, TenantCache},
+};
 use uuid::Uuid;
 
 pub use provider::Providers;
@@ -23,6 +28,8 @@ pub use provider::Providers;
 pub struct Context {
     /// The durable store.
     pub store: Arc<dyn Store>,
+    /// Tenants (for their agent settings), briefly cached.
+    pub tenants: TenantCache,
     /// Jobs in, events out.
     pub broker: Arc<dyn Broker>,
     /// The models.
@@ -39,11 +46,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker with the built-in providers.
-    pub fn new(store: Arc<dyn Store>, broker: Arc<dyn Broker>, config: WorkerConfig) -> Self {
+    /// A worker with the built-in providers, reading tenants through `tenants` (and the store
+    /// behind it).
+    pub fn new(tenants: TenantCache, broker: Arc<dyn Broker>, config: WorkerConfig) -> Self {
         Self {
             ctx: Arc::new(Context {
-                store,
+                store: tenants.store(),
+                tenants,
                 broker,
                 providers: Providers::builtin(),
                 active: DashMap::new(),

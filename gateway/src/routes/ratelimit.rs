@@ -36,7 +36,7 @@ pub async fn tenant_gate(
         .filter(|k| !k.is_empty())
         .ok_or(ApiError::MissingKey)?
         .to_owned();
-    let tenant = state.tenants.resolve(&key).await?;
+    let tenant = crate::auth::tenant_for_key(&state.tenants, &key).await?;
     let limit = tenant.settings.requests_per_minute;
     let decision = state
         .limits

@@ -69,7 +69,7 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
     let api_key = required(params.api_key, "api_key", "X-API-Key")?;
     let user_id = required(params.user_id, "user_id", "X-User-ID")?;
     let raw_chat = required(params.chat_id, "chat_id", "X-Chat-ID")?;
-    let tenant = state.tenants.resolve(&api_key).await?;
+    let tenant = crate::auth::tenant_for_key(&state.tenants, &api_key).await?;
     validate_user_id(&user_id).map_err(|reason| ApiError::InvalidParam {
         name: "user_id",
         reason,

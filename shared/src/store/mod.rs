@@ -3,6 +3,7 @@
 //! [`Store`] is the seam: the gateway and the worker only see the trait. [`sqlite::SqliteStore`]
 //! is the embedded implementation; a Postgres one slots in beside it.
 
+pub mod cache;
 mod model;
 pub mod sqlite;
 
@@ -12,6 +13,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+pub use cache::TenantCache;
 pub use model::{AgentSettings, Chat, Message, Page, Role, Tenant, TenantSettings};
 
 /// Store failures. Callers map them to `SERVICE_UNAVAILABLE` or `INTERNAL_ERROR`.

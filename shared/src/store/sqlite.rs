@@ -21,9 +21,15 @@ use super::{
 use crate::protocol::Job;
 
 /// SQLite-backed [`Store`].
+///
+/// Writes go through a pool of exactly one connection: SQLite allows one writer at a time, and
+/// writers that contend for its lock wait in sleeps of growing length (1, 2, 5, 10 ms …), which
+/// would dominate latency. One writer never contends; readers use their own pool (WAL lets them
+/// read while the writer writes).
 #[derive(Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    read: SqlitePool,
+    write: SqlitePool,
 }
 
 #[derive(FromRow)]
@@ -128,19 +134,23 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { read, write })
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").fetch_one(&self.read).await?;
         Ok(())
     }
 
@@ -162,7 +172,7 @@ impl Store for SqliteStore {
         .bind(Json(settings))
         .bind(now)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(Tenant {
             id,
@@ -176,7 +186,7 @@ impl Store for SqliteStore {
     async fn list_tenants(&self) -> StoreResult<Vec<Tenant>> {
         let sql = sqlx::AssertSqlSafe(format!("{TENANT_COLS} ORDER BY created_at, id"));
         let rows = sqlx::query_as::<_, TenantRow>(sql)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         Ok(rows.into_iter().map(Tenant::from).collect())
     }
@@ -185,7 +195,7 @@ impl Store for SqliteStore {
         let sql = sqlx::AssertSqlSafe(format!("{TENANT_COLS} WHERE id = ?"));
         let row = sqlx::query_as::<_, TenantRow>(sql)
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         Ok(row.map(Tenant::from))
     }
@@ -194,7 +204,7 @@ impl Store for SqliteStore {
         let sql = sqlx::AssertSqlSafe(format!("{TENANT_COLS} WHERE api_key_hash = ?"));
         let row = sqlx::query_as::<_, TenantRow>(sql)
             .bind(key_hash)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         Ok(row.map(Tenant::from))
     }
@@ -213,7 +223,7 @@ impl Store for SqliteStore {
         .bind(settings.map(Json))
         .bind(Utc::now())
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         if done.rows_affected() == 0 {
             return Ok(None);
@@ -226,7 +236,7 @@ impl Store for SqliteStore {
             .bind(key_hash)
             .bind(Utc::now())
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -234,7 +244,7 @@ impl Store for SqliteStore {
     async fn delete_tenant(&self, id: Uuid) -> StoreResult<bool> {
         let done = sqlx::query("DELETE FROM tenants WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -246,7 +256,7 @@ impl Store for SqliteStore {
         .bind(tenant_id)
         .bind(user_id)
         .bind(Utc::now())
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -256,7 +266,7 @@ impl Store for SqliteStore {
             sqlx::query_scalar("SELECT 1 FROM users WHERE tenant_id = ? AND user_id = ?")
                 .bind(tenant_id)
                 .bind(user_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.read)
                 .await?;
         Ok(found.is_some())
     }
@@ -292,7 +302,7 @@ impl Store for SqliteStore {
         .bind(Json(metadata))
         .bind(now)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(chat)
     }
@@ -302,7 +312,7 @@ impl Store for SqliteStore {
         let row = sqlx::query_as::<_, ChatRow>(sql)
             .bind(chat_id)
             .bind(tenant_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         Ok(row.map(Chat::from))
     }
@@ -323,13 +333,13 @@ impl Store for SqliteStore {
             .bind(user_id)
             .bind(page.limit)
             .bind(page.offset)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         let total: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE tenant_id = ? AND user_id = ?")
                 .bind(tenant_id)
                 .bind(user_id)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.read)
                 .await?;
         Ok((rows.into_iter().map(Chat::from).collect(), total))
     }
@@ -338,7 +348,7 @@ impl Store for SqliteStore {
         let done = sqlx::query("DELETE FROM chats WHERE id = ? AND tenant_id = ?")
             .bind(chat_id)
             .bind(tenant_id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -370,7 +380,7 @@ impl Store for SqliteStore {
         .bind(content)
         .bind(Json(metadata))
         .bind(message.created_at)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(message)
     }
@@ -387,7 +397,7 @@ impl Store for SqliteStore {
         .bind(Json(&a.metadata))
         .bind(&a.reply_to)
         .bind(Utc::now())
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -396,7 +406,7 @@ impl Store for SqliteStore {
         let sql = sqlx::AssertSqlSafe(format!("{MESSAGE_COLS} WHERE reply_to = ?"));
         let row = sqlx::query_as::<_, MessageRow>(sql)
             .bind(message_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         row.map(Message::try_from).transpose()
     }
@@ -410,11 +420,11 @@ impl Store for SqliteStore {
             .bind(chat_id)
             .bind(page.limit)
             .bind(page.offset)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE chat_id = ?")
             .bind(chat_id)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.read)
             .await?;
         Ok((messages(rows)?, total))
     }
@@ -428,7 +438,7 @@ impl Store for SqliteStore {
              ORDER BY m.seq LIMIT ?",
         )
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows
             .into_iter()
@@ -459,7 +469,7 @@ impl Store for SqliteStore {
             .bind(chat_id)
             .bind(message_id)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         let mut history = messages(rows)?;
         history.reverse();

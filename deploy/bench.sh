@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Benchmarks of the embedded gateway with the bundled load generator (release builds).
+#   deploy/bench.sh throughput   # 200 chats back to back, 50-token answers
+#   deploy/bench.sh ttft         # a steady 200 messages/s over 200 chats
+#   deploy/bench.sh idle [N]     # gateway memory per idle socket at N sockets (default 10000)
+# Reports land in reports/. The gateway and the load generator share this machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-throughput}
+cargo build --release -q -p gateway -p loadgen
+mkdir -p reports
+dir=$(mktemp -d)
+port=${PARLEY_BENCH_PORT:-18000}
+export PARLEY_ADMIN_TOKEN=bench PARLEY_LOG=warn PARLEY_BOOTSTRAP_TENANT=false
+PARLEY_BIND=127.0.0.1:$port PARLEY_DATABASE_URL="sqlite://$dir/bench.db" ./target/release/gateway &
+gw=$!
+trap 'kill $gw 2>/dev/null; wait $gw 2>/dev/null; rm -rf "$dir"' EXIT
+for _ in $(seq 50); do curl -sf "127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$gw/status"; }
+lg=./target/release/loadgen
+case "$mode" in
+  throughput)
+    $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 50 --reply-tokens 50 \
+        --report reports/throughput.json ;;
+  ttft)
+    $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 30 --reply-tokens 50 \
+        --rate 200 --report reports/ttft.json ;;
+  idle)
+    n=${2:-10000}
+    before=$(rss_kib)
+    $lg --url "http://127.0.0.1:$port" --sockets "$n" --chats 100 --idle 20 \
+        --source-ips 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4 &
+    lgpid=$!
+    sleep 15
+    during=$(rss_kib)
+    wait $lgpid || true
+    echo "{\"sockets\": $n, \"rss_before_kib\": $before, \"rss_with_sockets_kib\": $during, \"kib_per_socket\": $(( (during - before) / n ))}" \
+      | tee reports/idle.json ;;
+  *) echo "unknown mode $mode" >&2; exit 2 ;;
+esac
