@@ -6,6 +6,7 @@
 pub mod cache;
 mod model;
 pub mod sqlite;
+mod sqlite_writer;
 
 use std::sync::Arc;
 

@@ -15,6 +15,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
+use super::sqlite_writer::{NewRow, Writer};
 use super::{
     Chat, Message, NewAnswer, Page, Role, Store, StoreError, StoreResult, Tenant, TenantSettings,
 };
@@ -30,6 +31,7 @@ use crate::protocol::Job;
 pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
+    writer: Writer,
 }
 
 #[derive(FromRow)]
@@ -143,7 +145,12 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { read, write })
+        let writer = Writer::start(write.clone());
+        Ok(Self {
+            read,
+            write,
+            writer,
+        })
     }
 }
 
@@ -370,36 +377,33 @@ impl Store for SqliteStore {
             reply_to: None,
             created_at: Utc::now(),
         };
-        sqlx::query(
-            "INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, created_at) \
-             VALUES (?, ?, 'user', ?, ?, ?, ?)",
-        )
-        .bind(&message.id)
-        .bind(chat_id)
-        .bind(user_id)
-        .bind(content)
-        .bind(Json(metadata))
-        .bind(message.created_at)
-        .execute(&self.write)
-        .await?;
+        self.writer
+            .insert(NewRow {
+                id: message.id.clone(),
+                chat_id,
+                role: Role::User.as_str(),
+                user_id: user_id.to_owned(),
+                content: content.to_owned(),
+                metadata: metadata.clone(),
+                reply_to: None,
+                created_at: message.created_at,
+            })
+            .await?;
         Ok(message)
     }
 
     async fn add_answer(&self, a: &NewAnswer) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at) \
-             VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        )
-        .bind(&a.id)
-        .bind(a.chat_id)
-        .bind(&a.user_id)
-        .bind(&a.content)
-        .bind(Json(&a.metadata))
-        .bind(&a.reply_to)
-        .bind(Utc::now())
-        .execute(&self.write)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let row = NewRow {
+            id: a.id.clone(),
+            chat_id: a.chat_id,
+            role: Role::Assistant.as_str(),
+            user_id: a.user_id.clone(),
+            content: a.content.clone(),
+            metadata: a.metadata.clone(),
+            reply_to: Some(a.reply_to.clone()),
+            created_at: Utc::now(),
+        };
+        Ok(self.writer.insert(row).await?)
     }
 
     async fn answer_to(&self, message_id: &str) -> StoreResult<Option<Message>> {

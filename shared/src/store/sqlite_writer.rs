@@ -1,0 +1,108 @@
+//! Group commit for the SQLite store's hot writes (user messages and answers).
+//!
+//! SQLite commits one transaction at a time; committing every message on its own caps the
+//! store at a few thousand messages per second and makes writers queue. Here one task takes
+//! every insert waiting at that moment (up to [`MAX_BATCH`]) and commits them in one
+//! transaction; each caller still gets its own result, and a failing insert (a chat deleted
+//! meanwhile) fails alone (SQLite rolls back just that statement). Under light load a batch is
+//! a single insert, so latency stays that of one commit.
+//!
+//! The task lives as long as the store: it ends when the last sender (the store) is dropped.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::{SqlitePool, types::Json};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+/// Most inserts committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// One row of `messages`.
+pub struct NewRow {
+    pub id: String,
+    pub chat_id: Uuid,
+    pub role: &'static str,
+    pub user_id: String,
+    pub content: String,
+    pub metadata: Map<String, Value>,
+    pub reply_to: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+struct Request {
+    row: NewRow,
+    done: oneshot::Sender<Result<bool, sqlx::Error>>,
+}
+
+/// Handle to the writer task.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Writer {
+    /// Starts the writer task on `pool` (the store's single write connection).
+    pub fn start(pool: SqlitePool) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
+        tokio::spawn(run(pool, rx));
+        Self { tx }
+    }
+
+    /// Inserts a row; `Ok(false)` when a row with its `reply_to` already exists.
+    pub async fn insert(&self, row: NewRow) -> Result<bool, sqlx::Error> {
+        let (done, result) = oneshot::channel();
+        self.tx
+            .send(Request { row, done })
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        result.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Request>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let results = commit(&pool, &batch).await;
+        for (req, result) in batch.drain(..).zip(results) {
+            let _ = req.done.send(result);
+        }
+    }
+}
+
+/// Runs the batch in one transaction; every request gets its own outcome.
+async fn commit(pool: &SqlitePool, batch: &[Request]) -> Vec<Result<bool, sqlx::Error>> {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return batch.iter().map(|_| Err(copy_error(&e))).collect(),
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for req in batch {
+        let r = &req.row;
+        let done = sqlx::query(
+            "INSERT INTO messages \
+             (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&r.id)
+        .bind(r.chat_id)
+        .bind(r.role)
+        .bind(&r.user_id)
+        .bind(&r.content)
+        .bind(Json(&r.metadata))
+        .bind(&r.reply_to)
+        .bind(r.created_at)
+        .execute(&mut *tx)
+        .await;
+        results.push(done.map(|d| d.rows_affected() == 1));
+    }
+    match tx.commit().await {
+        Ok(()) => results,
+        Err(e) => batch.iter().map(|_| Err(copy_error(&e))).collect(),
+    }
+}
+
+/// `sqlx::Error` is not `Clone`; a batch-wide failure is reported to each caller by message.
+fn copy_error(e: &sqlx::Error) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("batch commit failed: {e}"))
+}
