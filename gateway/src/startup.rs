@@ -62,6 +62,13 @@ impl Application {
                 .app_data(data.clone())
                 .configure(routes::configure)
         })
+        // Events are small frames written one after another; with Nagle's algorithm a frame
+        // can wait for the client's delayed ACK (40 ms on Linux).
+        .on_connect(|conn, _| {
+            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
         .listen(listener)?
         .disable_signals()
         .shutdown_timeout(5)

@@ -26,7 +26,8 @@ use crate::protocol::Job;
 /// Writes go through a pool of exactly one connection: SQLite allows one writer at a time, and
 /// writers that contend for its lock wait in sleeps of growing length (1, 2, 5, 10 ms …), which
 /// would dominate latency. One writer never contends; readers use their own pool (WAL lets them
-/// read while the writer writes).
+/// read while the writer writes). Message inserts, the hot writes, are group-committed and WAL
+/// checkpoints run on their own connection (see `sqlite_writer`).
 #[derive(Clone)]
 pub struct SqliteStore {
     read: SqlitePool,
@@ -138,6 +139,10 @@ impl SqliteStore {
             .foreign_keys(true);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
+            .await?;
+        let checkpoints = SqlitePoolOptions::new()
+            .max_connections(1)
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&write).await?;
@@ -145,7 +150,7 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        let writer = Writer::start(write.clone());
+        let writer = Writer::start(write.clone(), checkpoints);
         Ok(Self {
             read,
             write,

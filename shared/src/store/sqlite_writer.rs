@@ -7,7 +7,13 @@
 //! meanwhile) fails alone (SQLite rolls back just that statement). Under light load a batch is
 //! a single insert, so latency stays that of one commit.
 //!
-//! The task lives as long as the store: it ends when the last sender (the store) is dropped.
+//! WAL checkpoints are taken off the write path too: the write connection has automatic
+//! checkpoints disabled and a separate connection runs a passive checkpoint every 10 seconds. A
+//! checkpoint syncs the database file, which can take tens of milliseconds; done inline it would
+//! stall every write queued behind it (on ext4, concurrent writes wait for the journal), so it
+//! runs rarely: every 10 s keeps the WAL small while touching under 1% of messages.
+//!
+//! Both tasks live as long as the store: they end when the last sender (the store) is dropped.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -17,6 +23,9 @@ use uuid::Uuid;
 
 /// Most inserts committed in one transaction.
 const MAX_BATCH: usize = 512;
+
+/// How often the WAL is checkpointed into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One row of `messages`.
 pub struct NewRow {
@@ -42,10 +51,12 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task on `pool` (the store's single write connection).
-    pub fn start(pool: SqlitePool) -> Self {
+    /// Starts the writer task on `pool` (the store's single write connection) and the
+    /// checkpoint task on `checkpoints` (a connection of its own).
+    pub fn start(pool: SqlitePool, checkpoints: SqlitePool) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
         tokio::spawn(run(pool, rx));
+        tokio::spawn(checkpoint(checkpoints, tx.downgrade()));
         Self { tx }
     }
 
@@ -66,6 +77,19 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Request>) {
         let results = commit(&pool, &batch).await;
         for (req, result) in batch.drain(..).zip(results) {
             let _ = req.done.send(result);
+        }
+    }
+}
+
+async fn checkpoint(pool: SqlitePool, alive: mpsc::WeakSender<Request>) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    loop {
+        tick.tick().await;
+        if alive.upgrade().is_none() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
         }
     }
 }
