@@ -2,7 +2,7 @@
 # Benchmarks of the embedded gateway with the bundled load generator (release builds).
 #   deploy/bench.sh throughput   # 200 chats back to back, 50-token answers
 #   deploy/bench.sh ttft         # a steady 200 messages/s over 200 chats
-#   deploy/bench.sh idle [N]     # gateway memory per idle socket at N sockets (default 10000)
+#   deploy/bench.sh idle [N] [K] # gateway memory per idle socket at N sockets over K chats (10000, 100)
 # Reports land in reports/. The gateway and the load generator share this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,14 +27,18 @@ case "$mode" in
         --rate 200 --report reports/ttft.json ;;
   idle)
     n=${2:-10000}
-    before=$(rss_kib)
-    $lg --url "http://127.0.0.1:$port" --sockets "$n" --chats 100 --idle 20 \
-        --source-ips 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4 &
+    # The baseline is taken once the tenant and chats exist, so it counts sockets only.
+    $lg --url "http://127.0.0.1:$port" --sockets "$n" --chats "${3:-100}" --setup-wait 4 --idle 20 --connect-concurrency "${CONNECT_CONCURRENCY:-256}" \
+        --source-ips 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4 2>reports/idle.log &
     lgpid=$!
-    sleep 15
+    until grep -q "chats created" reports/idle.log 2>/dev/null; do sleep 0.2; done
+    sleep 2
+    before=$(rss_kib)
+    until grep -q "holding" reports/idle.log 2>/dev/null; do sleep 0.5; done
+    for t in 1 4 8 12; do sleep 3; echo "t+${t}: $(rss_kib) KiB" >&2; done
     during=$(rss_kib)
     wait $lgpid || true
-    echo "{\"sockets\": $n, \"rss_before_kib\": $before, \"rss_with_sockets_kib\": $during, \"kib_per_socket\": $(( (during - before) / n ))}" \
+    echo "{\"sockets\": $n, \"rss_before_kib\": $before, \"rss_with_sockets_kib\": $during, \"kib_per_socket\": $(awk -v d="$during" -v b="$before" -v n="$n" 'BEGIN {printf "%.2f", (d - b) / n}')}" \
       | tee reports/idle.json ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

@@ -62,6 +62,10 @@ pub struct Args {
     /// Sockets opened at the same time while connecting.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// Wait this many seconds after creating the tenant and chats, before opening sockets
+    /// (lets a memory measurement take its baseline with the chats already in place).
+    #[arg(long, default_value_t = 0)]
+    pub setup_wait: u64,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -78,11 +82,9 @@ async fn main() -> anyhow::Result<()> {
         "need sockets >= chats >= 1"
     );
     let target = setup::prepare(&args).await?;
-    eprintln!(
-        "tenant ready, {} chats created; opening {} sockets",
-        target.chats.len(),
-        args.sockets
-    );
+    eprintln!("tenant ready, {} chats created", target.chats.len());
+    tokio::time::sleep(Duration::from_secs(args.setup_wait)).await;
+    eprintln!("opening {} sockets", args.sockets);
     let ready = Arc::new(Barrier::new(args.sockets + 1));
     let (pace_txs, pace_rxs): (Vec<_>, Vec<_>) =
         (0..args.chats).map(|_| mpsc::channel::<()>(1024)).unzip();

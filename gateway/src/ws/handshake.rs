@@ -1,7 +1,7 @@
 //! Handshake: parameters from query or headers (query wins), then key, chat and limit checks.
 
 use actix_web::HttpRequest;
-use shared::{limits::ConnectionLease, protocol::validate_user_id, store::Tenant};
+use shared::{limits::ConnectionLease, protocol::validate_user_id};
 use uuid::Uuid;
 
 use crate::{error::ApiError, routes::query_map, state::AppState};
@@ -40,7 +40,9 @@ impl HandshakeParams {
 /// A socket that passed the handshake.
 pub struct Accepted {
     /// The key's tenant.
-    pub tenant: Tenant,
+    pub tenant_id: Uuid,
+    /// The tenant's per-connection message rate at connect time.
+    pub messages_per_second: u32,
     /// The chat.
     pub chat_id: Uuid,
     /// The user.
@@ -89,7 +91,8 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
         .ok_or(ApiError::ConnectionLimit(max))?;
     let user_created = state.store.ensure_user(tenant.id, &user_id).await?;
     Ok(Accepted {
-        tenant,
+        tenant_id: tenant.id,
+        messages_per_second: tenant.settings.messages_per_second,
         chat_id,
         user_id,
         user_created,

@@ -23,10 +23,10 @@ use serde_json::{Map, Value};
 use shared::protocol::{
     ClientFrame, ErrorCode, ErrorDetails, FrameError, Job, ServerEvent, parse_client_frame,
 };
-use tokio::sync::broadcast::error::RecvError;
 
 use super::handshake::{self, Accepted, HandshakeParams};
 use crate::{error::ApiError, state::AppState};
+use shared::broker::Subscription;
 
 /// Runs a socket until it closes.
 pub async fn run(
@@ -35,7 +35,7 @@ pub async fn run(
     session: Session,
     stream: AggregatedMessageStream,
 ) {
-    match handshake::accept(&state, params).await {
+    match Box::pin(handshake::accept(&state, params)).await {
         Ok(accepted) => {
             Connection::new(state, accepted, session)
                 .serve(stream)
@@ -74,8 +74,7 @@ struct Connection {
 
 impl Connection {
     fn new(state: Arc<AppState>, accepted: Accepted, session: Session) -> Self {
-        let per_second = NonZeroU32::new(accepted.tenant.settings.messages_per_second)
-            .unwrap_or(NonZeroU32::MIN);
+        let per_second = NonZeroU32::new(accepted.messages_per_second).unwrap_or(NonZeroU32::MIN);
         Self {
             state,
             accepted,
@@ -92,72 +91,86 @@ impl Connection {
     }
 
     async fn serve(mut self, mut stream: AggregatedMessageStream) {
-        let chat_id = self.accepted.chat_id;
-        let mut events = self.state.broker.subscribe(chat_id);
+        let mut events = self.state.broker.subscribe(self.accepted.chat_id);
+        // The greeting and the close run once; boxing them keeps the long-lived task small.
+        if Box::pin(self.greet()).await.is_break() {
+            return;
+        }
+        let reason = self.event_loop(&mut events, &mut stream).await;
+        if let Some(reason) = reason {
+            let _ = Box::pin(self.session.close(Some(reason))).await;
+        }
+    }
+
+    /// `connection_established`, then `user_created` if this connection created the user.
+    async fn greet(&mut self) -> ControlFlow<()> {
         let established = ServerEvent::ConnectionEstablished {
             timestamp: Utc::now(),
             user_id: self.accepted.user_id.clone(),
-            chat_id,
-            tenant_id: self.accepted.tenant.id,
+            chat_id: self.accepted.chat_id,
+            tenant_id: self.accepted.tenant_id,
         };
-        if self.send(established).await.is_break() {
-            return;
-        }
+        self.send(established).await?;
         if self.accepted.user_created {
             let created = ServerEvent::UserCreated {
                 timestamp: Utc::now(),
                 user_id: self.accepted.user_id.clone(),
             };
-            if self.send(created).await.is_break() {
-                return;
-            }
+            self.send(created).await?;
         }
-        let limits = self.state.config.limits.clone();
+        ControlFlow::Continue(())
+    }
+
+    /// Runs until the socket should close; returns the close reason to send, if any.
+    async fn event_loop(
+        &mut self,
+        events: &mut Subscription,
+        stream: &mut AggregatedMessageStream,
+    ) -> Option<CloseReason> {
+        let limits = &self.state.config.limits;
         let idle_timeout = Duration::from_secs(limits.idle_timeout_secs);
         let period = Duration::from_secs(limits.heartbeat_interval_secs.max(1));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut last_seen = Instant::now();
         let stop = self.state.shutdown.token.clone();
-        let reason = loop {
+        loop {
             let flow = tokio::select! {
-                () = stop.cancelled() => break Some(close(CloseCode::Restart, "server restarting; reconnect")),
+                () = stop.cancelled() => return Some(close(CloseCode::Restart, "server restarting; reconnect")),
                 event = events.recv() => match event {
-                    Ok(frame) => match self.session.text(frame).await {
+                    Some(frame) => match self.session.text(frame).await {
                         Ok(()) => ControlFlow::Continue(()),
-                        Err(_) => break None,
+                        Err(_) => return None,
                     },
-                    Err(RecvError::Lagged(_)) => {
-                        let _ = self.send(ServerEvent::error(ErrorCode::SlowConsumer, "Too many unread events; closing")).await;
-                        break Some(close(CloseCode::Policy, "slow consumer"));
+                    None => {
+                        let slow = ServerEvent::error(ErrorCode::SlowConsumer, "Too many unread events; closing");
+                        let _ = Box::pin(self.send(slow)).await;
+                        return Some(close(CloseCode::Policy, "slow consumer"));
                     }
-                    Err(RecvError::Closed) => break None,
                 },
                 msg = stream.recv() => {
                     last_seen = Instant::now();
                     match msg {
-                        None => break None,
-                        Some(msg) => match self.on_frame(msg).await {
+                        None => return None,
+                        // Boxed: an idle socket's task then carries none of the message path's state.
+                        Some(msg) => match Box::pin(self.on_frame(msg)).await {
                             Ok(flow) => flow,
-                            Err(reason) => break reason,
+                            Err(reason) => return reason,
                         },
                     }
                 }
                 _ = heartbeat.tick() => {
                     if last_seen.elapsed() >= idle_timeout {
-                        break Some(close(CloseCode::Normal, "idle timeout"));
+                        return Some(close(CloseCode::Normal, "idle timeout"));
                     }
-                    match self.session.ping(b"").await {
+                    match Box::pin(self.session.ping(b"")).await {
                         Ok(()) => ControlFlow::Continue(()),
-                        Err(_) => break None,
+                        Err(_) => return None,
                     }
                 }
             };
             if flow.is_break() {
-                break None;
+                return None;
             }
-        };
-        if let Some(reason) = reason {
-            let _ = self.session.close(Some(reason)).await;
         }
     }
 
@@ -242,7 +255,7 @@ impl Connection {
     ) -> ControlFlow<()> {
         if let Err(not_until) = self.limiter.check() {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let per_second = self.accepted.tenant.settings.messages_per_second;
+            let per_second = self.accepted.messages_per_second;
             let details = ErrorDetails {
                 fix: ErrorCode::RateLimited.default_fix().into(),
                 retry_after_ms: Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
@@ -282,7 +295,7 @@ impl Connection {
         let job = Job {
             message_id: saved.id,
             chat_id,
-            tenant_id: self.accepted.tenant.id,
+            tenant_id: self.accepted.tenant_id,
             user_id,
             content,
             enqueued_at: Utc::now(),
@@ -293,3 +306,4 @@ impl Connection {
         }
     }
 }
+

@@ -1,30 +1,42 @@
-//! Local fan-out: one bounded broadcast channel per chat that has sockets on this process.
+//! Local fan-out: every socket subscribed to a chat on this process has its own bounded queue.
 //!
-//! A chat's channel exists while at least one [`Subscription`] to it is alive, so memory follows
-//! open chats, not history. Each event is serialized once ([`Frame`]) and shared by all sockets.
-//! The channel's capacity is the per-socket outbound bound: a socket that falls further behind
-//! sees `Lagged` and is closed, so a slow client never grows the process's memory.
+//! A chat's entry exists while at least one [`Subscription`] to it is alive, so memory follows
+//! open chats, not history. Each event is serialized once ([`Frame`]) and its bytes are shared
+//! by all queues. A queue is a `flume` channel, which allocates as it fills, so an idle socket
+//! costs a couple of hundred bytes however large the bound. A socket whose queue is full when an
+//! event arrives has missed it: it is dropped from the chat, drains what it has, then sees the end
+//! of its subscription and is closed with `SLOW_CONSUMER`; a slow client never grows the
+//! process's memory beyond its bound.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use dashmap::DashMap;
-use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::protocol::Frame;
 
-/// Per-process registry of chat channels.
+struct Subscriber {
+    id: u64,
+    tx: flume::Sender<Frame>,
+}
+
+/// Per-process registry of chat subscribers.
 #[derive(Clone)]
 pub struct Hub {
-    chats: Arc<DashMap<Uuid, broadcast::Sender<Frame>>>,
+    chats: Arc<DashMap<Uuid, Vec<Subscriber>>>,
+    next_id: Arc<AtomicU64>,
     capacity: usize,
 }
 
 impl Hub {
-    /// A hub whose chat channels hold up to `capacity` events for the slowest socket.
+    /// A hub whose per-socket queues hold up to `capacity` events.
     pub fn new(capacity: usize) -> Self {
         Self {
             chats: Arc::new(DashMap::new()),
+            next_id: Arc::new(AtomicU64::new(0)),
             capacity: capacity.max(1),
         }
     }
@@ -32,31 +44,40 @@ impl Hub {
     /// Subscribes to a chat's events; the second value is true when this is the chat's first
     /// local subscriber (a networked broker then subscribes upstream).
     pub fn subscribe(&self, chat_id: Uuid) -> (Subscription, bool) {
-        let mut first = false;
-        let rx = self
-            .chats
-            .entry(chat_id)
-            .or_insert_with(|| {
-                first = true;
-                broadcast::channel(self.capacity).0
-            })
-            .subscribe();
-        let sub = Subscription {
-            rx,
-            _guard: SubscriptionGuard {
-                hub: self.clone(),
-                chat_id,
-            },
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = flume::bounded(self.capacity);
+        let mut subs = self.chats.entry(chat_id).or_default();
+        let first = subs.is_empty();
+        subs.push(Subscriber { id, tx });
+        drop(subs);
+        let guard = SubscriptionGuard {
+            hub: self.clone(),
+            chat_id,
+            id,
         };
-        (sub, first)
+        (Subscription { rx, _guard: guard }, first)
     }
 
-    /// Delivers a frame to the chat's local subscribers; false when there are none.
+    /// Queues a frame for every local subscriber of the chat; false when there are none.
+    /// Subscribers whose queue is full are dropped from the chat.
     pub fn send(&self, chat_id: Uuid, frame: Frame) -> bool {
-        match self.chats.get(&chat_id) {
-            Some(tx) => tx.send(frame).is_ok(),
-            None => false,
+        let mut slow = Vec::new();
+        {
+            let Some(subs) = self.chats.get(&chat_id) else {
+                return false;
+            };
+            for s in subs.iter() {
+                if let Err(flume::TrySendError::Full(_)) = s.tx.try_send(frame.clone()) {
+                    slow.push(s.id);
+                }
+            }
         }
+        if !slow.is_empty()
+            && let Some(mut subs) = self.chats.get_mut(&chat_id)
+        {
+            subs.retain(|s| !slow.contains(&s.id));
+        }
+        true
     }
 
     /// Number of chats with local subscribers.
@@ -64,37 +85,40 @@ impl Hub {
         self.chats.len()
     }
 
-    /// Removes the chat's channel if nobody listens any more; true when removed (a networked
-    /// broker then unsubscribes upstream).
-    fn release(&self, chat_id: Uuid) -> bool {
+    /// Removes one subscriber; true when it was the chat's last (a networked broker then
+    /// unsubscribes upstream).
+    fn release(&self, chat_id: Uuid, id: u64) -> bool {
         self.chats
-            .remove_if(&chat_id, |_, tx| tx.receiver_count() == 0)
+            .remove_if_mut(&chat_id, |_, subs| {
+                subs.retain(|s| s.id != id);
+                subs.is_empty()
+            })
             .is_some()
     }
 }
 
 /// A live subscription to one chat's events.
 pub struct Subscription {
-    // Declared first so the receiver is dropped before the guard counts receivers.
-    rx: broadcast::Receiver<Frame>,
+    rx: flume::Receiver<Frame>,
     _guard: SubscriptionGuard,
 }
 
 impl Subscription {
-    /// The next event, or `Lagged` when this subscriber fell more than the capacity behind.
-    pub async fn recv(&mut self) -> Result<Frame, broadcast::error::RecvError> {
-        self.rx.recv().await
+    /// The next event; `None` once this subscriber was dropped for falling behind.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        self.rx.recv_async().await.ok()
     }
 }
 
 struct SubscriptionGuard {
     hub: Hub,
     chat_id: Uuid,
+    id: u64,
 }
 
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
-        self.hub.release(self.chat_id);
+        self.hub.release(self.chat_id, self.id);
     }
 }
 
@@ -103,20 +127,31 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn channels_live_exactly_as_long_as_their_subscribers()
-    -> Result<(), broadcast::error::RecvError> {
+    async fn entries_live_exactly_as_long_as_their_subscribers() {
         let hub = Hub::new(4);
         let chat = Uuid::new_v4();
         let (mut a, first_a) = hub.subscribe(chat);
         let (b, first_b) = hub.subscribe(chat);
         assert!(first_a && !first_b);
         assert!(hub.send(chat, Frame::from("x")));
-        assert_eq!(a.recv().await?, "x");
+        assert_eq!(a.recv().await.as_deref(), Some("x"));
         drop(b);
         assert_eq!(hub.chat_count(), 1);
         drop(a);
         assert_eq!(hub.chat_count(), 0);
         assert!(!hub.send(chat, Frame::from("y")));
-        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_is_dropped_after_draining() {
+        let hub = Hub::new(2);
+        let chat = Uuid::new_v4();
+        let (mut slow, _) = hub.subscribe(chat);
+        for i in 0..3 {
+            hub.send(chat, Frame::from(format!("{i}")));
+        }
+        assert_eq!(slow.recv().await.as_deref(), Some("0"));
+        assert_eq!(slow.recv().await.as_deref(), Some("1"));
+        assert_eq!(slow.recv().await, None);
     }
 }

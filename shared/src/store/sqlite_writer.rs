@@ -88,7 +88,10 @@ async fn checkpoint(pool: SqlitePool, alive: mpsc::WeakSender<Request>) {
         if alive.upgrade().is_none() {
             return;
         }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
             tracing::warn!(error = %e, "WAL checkpoint failed");
         }
     }
