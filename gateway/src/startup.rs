@@ -56,6 +56,10 @@ impl Application {
             tenants,
             shutdown,
         );
+        let workers = match state.config.http_workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
         let data = web::Data::new(state.clone());
         let server = HttpServer::new(move || {
             App::new()
@@ -69,6 +73,7 @@ impl Application {
                 let _ = tcp.set_nodelay(true);
             }
         })
+        .workers(workers)
         .listen(listener)?
         .disable_signals()
         .shutdown_timeout(5)

@@ -24,6 +24,8 @@ pub struct Config {
     pub metrics_bind: String,
     /// Log filter in `RUST_LOG` syntax (`PARLEY_LOG`).
     pub log: String,
+    /// HTTP/WebSocket worker threads (`PARLEY_HTTP_WORKERS`); 0 means one per CPU core.
+    pub http_workers: usize,
     /// On first start with an empty store, create a `default` tenant and print its key once.
     pub bootstrap_tenant: bool,
     /// Protocol limits that are the same for every tenant.
@@ -70,6 +72,7 @@ impl Default for Config {
             redis_url: None,
             metrics_bind: "0.0.0.0:9000".into(),
             log: "info".into(),
+            http_workers: 0,
             bootstrap_tenant: true,
             limits: LimitsConfig::default(),
             worker: WorkerConfig::default(),
