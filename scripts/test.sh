@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test. On a fresh Debian machine with only Rust it first installs what the
-# black-box tests drive the product with: Python 3 with `websockets` (the seed's Python client)
-# and Node.js (the seed's JavaScript client; `ws` stands in for the global WebSocket of Node < 20).
+# Runs every test. On a fresh Debian machine with only Rust it first starts (installing when
+# absent) the PostgreSQL the store tests use, and installs what the black-box tests drive the
+# product with: Python 3 with `websockets` (the seed's Python client) and Node.js (the seed's
+# JavaScript client; `ws` stands in for the global WebSocket of Node < 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,8 @@ apt_install() {
     echo "please install: $*" >&2; exit 1
   fi
 }
+
+. scripts/services.sh
 
 command -v python3 >/dev/null || apt_install python3 python3-pip
 if ! python3 -c 'import websockets' 2>/dev/null; then
@@ -28,3 +31,5 @@ if ! node --experimental-websocket -e 'process.exit(typeof WebSocket === "functi
 fi
 
 cargo test --workspace --all-targets "$@"
+# The black-box suite once more with the Postgres store behind the gateway.
+PARLEY_TEST_STORE=postgres cargo test -p gateway --test api "$@"

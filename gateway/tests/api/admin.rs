@@ -153,10 +153,7 @@ async fn the_cli_creates_a_tenant_the_server_accepts() -> TestResult {
             "--settings",
             r#"{"max_connections": 3}"#,
         ])
-        .env(
-            "PARLEY_DATABASE_URL",
-            format!("sqlite://{}", app.db_path.display()),
-        )
+        .env("PARLEY_DATABASE_URL", &app.db_url)
         .env("PARLEY_LOG", "error")
         .output()?;
     assert!(

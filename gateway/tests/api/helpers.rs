@@ -1,6 +1,8 @@
 //! `spawn_app` and a small WebSocket client for the tests.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
+
+use sqlx::Connection;
 
 use futures_util::{SinkExt, StreamExt};
 use gateway::{Application, Stopper};
@@ -21,30 +23,91 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub api_key: String,
     pub tenant_id: String,
-    pub db_path: PathBuf,
+    pub db_url: String,
     stopper: Stopper,
+    _db: Option<TestDb>,
+}
+
+/// A database of the test's own: a SQLite file in a temporary folder, or (with
+/// `PARLEY_TEST_STORE=postgres`) a fresh database on the Postgres at 127.0.0.1:5432.
+pub struct TestDb {
+    pub url: String,
     _dir: Option<TempDir>,
 }
 
-/// The app on port 0 with a fresh SQLite file and a fresh tenant.
+impl TestDb {
+    pub async fn new() -> TestDb {
+        if std::env::var("PARLEY_TEST_STORE").as_deref() == Ok("postgres") {
+            let admin = std::env::var("PARLEY_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+            let name = format!("parley_api_{}", uuid::Uuid::new_v4().simple());
+            let mut conn = sqlx::PgConnection::connect(&admin)
+                .await
+                .expect("postgres reachable");
+            sqlx::Executor::execute(
+                &mut conn,
+                sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+            )
+            .await
+            .expect("create database");
+            let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+            return TestDb {
+                url: format!("{base}/{name}"),
+                _dir: None,
+            };
+        }
+        let dir = TempDir::new().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("parley.db").display());
+        TestDb {
+            url,
+            _dir: Some(dir),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self._dir.is_some() {
+            return;
+        }
+        let url = self.url.clone();
+        // Drop is synchronous; the database is dropped from a short-lived runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let (base, name) = url.rsplit_once('/').expect("url with a database name");
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&format!("{base}/postgres")).await
+                {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(sql)).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The app on port 0 with a fresh database and a fresh tenant.
 pub async fn spawn_app() -> TestApp {
     spawn_with(|_| {}).await
 }
 
 /// As [`spawn_app`], with a configuration tweak.
 pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
-    let dir = TempDir::new().expect("temp dir");
-    let path = dir.path().join("parley.db");
-    let mut app = start(&path, tweak).await;
-    app._dir = Some(dir);
+    let db = TestDb::new().await;
+    let mut app = start(&db.url, tweak).await;
+    app._db = Some(db);
     app
 }
 
-/// Starts the app on an existing database file (for restart tests); creates a tenant.
-pub async fn start(path: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> TestApp {
+/// Starts the app on an existing database (for restart tests); creates a tenant.
+pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = Config {
         bind: "127.0.0.1:0".into(),
-        database_url: format!("sqlite://{}", path.display()),
+        database_url: db_url.to_owned(),
         admin_token: Some(ADMIN.into()),
         bootstrap_tenant: false,
         ..Config::default()
@@ -61,9 +124,9 @@ pub async fn start(path: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> T
         http: reqwest::Client::new(),
         api_key: String::new(),
         tenant_id: String::new(),
-        db_path: path.to_owned(),
+        db_url: db_url.to_owned(),
         stopper,
-        _dir: None,
+        _db: None,
     };
     if admin_on {
         let tenant = test.create_tenant(json!({"name": "test"})).await;

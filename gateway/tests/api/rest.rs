@@ -381,9 +381,8 @@ async fn unknown_routes_are_404_in_the_error_shape_and_health_answers() -> TestR
 
 #[tokio::test]
 async fn chats_and_messages_survive_a_restart() -> TestResult {
-    let dir = tempfile::TempDir::new()?;
-    let path = dir.path().join("restart.db");
-    let app = start(&path, |_| {}).await;
+    let db = TestDb::new().await;
+    let app = start(&db.url, |_| {}).await;
     let id = app.chat("u1").await;
     let mut ws = app.ws(&app.api_key, "u1", &id).await;
     ws.send_json(json!({"content": "remember me"})).await;
@@ -393,7 +392,7 @@ async fn chats_and_messages_survive_a_restart() -> TestResult {
     let key = app.api_key.clone();
     app.stop().await;
 
-    let again = start(&path, |_| {}).await;
+    let again = start(&db.url, |_| {}).await;
     let v = body(
         again
             .get(&key, &format!("/api/v1/chats/{id}/messages"))
@@ -408,9 +407,8 @@ async fn chats_and_messages_survive_a_restart() -> TestResult {
 
 #[tokio::test]
 async fn a_message_unanswered_at_shutdown_is_answered_after_the_restart() -> TestResult {
-    let dir = tempfile::TempDir::new()?;
-    let path = dir.path().join("requeue.db");
-    let app = start(&path, |_| {}).await;
+    let db = TestDb::new().await;
+    let app = start(&db.url, |_| {}).await;
     let key = app
         .tenant_with(json!({"agent": {"options": {"first_token_delay_ms": 60_000}}}))
         .await;
@@ -421,7 +419,7 @@ async fn a_message_unanswered_at_shutdown_is_answered_after_the_restart() -> Tes
     drop(ws);
     app.stop().await;
 
-    let again = start(&path, |_| {}).await;
+    let again = start(&db.url, |_| {}).await;
     let tenant: Value = again
         .http
         .get(again.url("/admin/v1/tenants"))
@@ -450,8 +448,8 @@ async fn a_message_unanswered_at_shutdown_is_answered_after_the_restart() -> Tes
         .await?;
     assert_eq!(res.status(), 200);
     again.stop().await;
-    let third = start(&path, |_| {}).await;
-    let mut total = 0;
+    let third = start(&db.url, |_| {}).await;
+    let mut total = 0usize;
     for _ in 0..100 {
         let v = body(
             third
@@ -459,7 +457,7 @@ async fn a_message_unanswered_at_shutdown_is_answered_after_the_restart() -> Tes
                 .await,
         )
         .await;
-        total = v["total"].as_i64().unwrap();
+        total = v["messages"].as_array().map_or(0, Vec::len);
         if total == 2 {
             assert_eq!(v["messages"][1]["sender_role"], "assistant");
             break;

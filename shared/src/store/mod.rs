@@ -1,10 +1,13 @@
 //! The durable store: the source of truth for tenants, users, chats and messages.
 //!
 //! [`Store`] is the seam: the gateway and the worker only see the trait. [`sqlite::SqliteStore`]
-//! is the embedded implementation; a Postgres one slots in beside it.
+//! is the embedded implementation, [`postgres::PgStore`] the distributed one; the database URL
+//! picks one.
 
 pub mod cache;
 mod model;
+pub mod postgres;
+mod rows;
 pub mod sqlite;
 mod sqlite_writer;
 
@@ -30,7 +33,7 @@ pub enum StoreError {
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
     /// The database URL names no supported backend.
-    #[error("unsupported database url (expected sqlite://…): {0}")]
+    #[error("unsupported database url (expected sqlite://… or postgres://…): {0}")]
     UnsupportedUrl(String),
 }
 
@@ -140,6 +143,8 @@ pub trait Store: Send + Sync + 'static {
 pub async fn connect(database_url: &str) -> StoreResult<Arc<dyn Store>> {
     if database_url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(database_url).await?))
+    } else if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
+        Ok(Arc::new(postgres::PgStore::connect(database_url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(database_url.to_owned()))
     }

@@ -1,0 +1,376 @@
+//! The Postgres store: the source of truth of the distributed product, through sqlx.
+//!
+//! Migrations run at start-up (and with `gateway migrate`); sqlx holds a Postgres advisory lock
+//! while migrating, so several gateways starting at once apply them exactly once. Message
+//! inserts update the chat's counters in the same statement (a data-modifying CTE).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::{PgPool, postgres::PgPoolOptions, types::Json};
+use uuid::Uuid;
+
+use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, TenantRow, messages};
+use super::{Chat, Message, NewAnswer, Page, Role, Store, StoreResult, Tenant, TenantSettings};
+use crate::protocol::Job;
+
+/// Inserts a message and bumps its chat's counters; affects one row, or none when `reply_to`
+/// already has an answer.
+const INSERT_MESSAGE: &str = "WITH m AS ( \
+        INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING chat_id, created_at) \
+    UPDATE chats SET message_count = message_count + 1, last_message_at = m.created_at, \
+        updated_at = m.created_at FROM m WHERE chats.id = m.chat_id";
+
+/// Postgres-backed [`Store`].
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to `url` and applies migrations.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    async fn insert_message(&self, m: &Message) -> StoreResult<bool> {
+        let done = sqlx::query(INSERT_MESSAGE)
+            .bind(&m.id)
+            .bind(m.chat_id)
+            .bind(m.role.as_str())
+            .bind(&m.user_id)
+            .bind(&m.content)
+            .bind(Json(&m.metadata))
+            .bind(&m.reply_to)
+            .bind(m.created_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_tenant(
+        &self,
+        name: &str,
+        settings: &TenantSettings,
+        key_hash: &str,
+    ) -> StoreResult<Tenant> {
+        let now = Utc::now();
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO tenants (id, name, api_key_hash, settings, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(key_hash)
+        .bind(Json(settings))
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(Tenant {
+            id,
+            name: name.to_owned(),
+            settings: settings.clone(),
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>> {
+        let sql = sqlx::AssertSqlSafe(format!("{TENANT_COLS} ORDER BY created_at, id"));
+        let rows = sqlx::query_as::<_, TenantRow>(sql)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Tenant::from).collect())
+    }
+
+    async fn get_tenant(&self, id: Uuid) -> StoreResult<Option<Tenant>> {
+        let sql = sqlx::AssertSqlSafe(format!("{TENANT_COLS} WHERE id = $1"));
+        let row = sqlx::query_as::<_, TenantRow>(sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Tenant::from))
+    }
+
+    async fn tenant_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Tenant>> {
+        let sql = sqlx::AssertSqlSafe(format!("{TENANT_COLS} WHERE api_key_hash = $1"));
+        let row = sqlx::query_as::<_, TenantRow>(sql)
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Tenant::from))
+    }
+
+    async fn update_tenant(
+        &self,
+        id: Uuid,
+        name: Option<&str>,
+        settings: Option<&TenantSettings>,
+    ) -> StoreResult<Option<Tenant>> {
+        let done = sqlx::query(
+            "UPDATE tenants SET name = COALESCE($1, name), settings = COALESCE($2, settings), \
+             updated_at = $3 WHERE id = $4",
+        )
+        .bind(name)
+        .bind(settings.map(Json))
+        .bind(Utc::now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.get_tenant(id).await
+    }
+
+    async fn set_tenant_key(&self, id: Uuid, key_hash: &str) -> StoreResult<bool> {
+        let done =
+            sqlx::query("UPDATE tenants SET api_key_hash = $1, updated_at = $2 WHERE id = $3")
+                .bind(key_hash)
+                .bind(Utc::now())
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_tenant(&self, id: Uuid) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn ensure_user(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO users (tenant_id, user_id, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn user_exists(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1::INT8 FROM users WHERE tenant_id = $1 AND user_id = $2")
+                .bind(tenant_id)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn create_chat(
+        &self,
+        tenant_id: Uuid,
+        user_id: &str,
+        title: &str,
+        metadata: &Map<String, Value>,
+    ) -> StoreResult<Chat> {
+        self.ensure_user(tenant_id, user_id).await?;
+        let now = Utc::now();
+        let chat = Chat {
+            id: Uuid::new_v4(),
+            tenant_id,
+            user_id: user_id.to_owned(),
+            title: title.to_owned(),
+            metadata: metadata.clone(),
+            created_at: now,
+            updated_at: now,
+            last_message_at: None,
+            message_count: 0,
+        };
+        sqlx::query(
+            "INSERT INTO chats (id, tenant_id, user_id, title, metadata, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(chat.id)
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(title)
+        .bind(Json(metadata))
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(chat)
+    }
+
+    async fn get_chat(&self, tenant_id: Uuid, chat_id: Uuid) -> StoreResult<Option<Chat>> {
+        let sql = sqlx::AssertSqlSafe(format!("{CHAT_COLS} WHERE id = $1 AND tenant_id = $2"));
+        let row = sqlx::query_as::<_, ChatRow>(sql)
+            .bind(chat_id)
+            .bind(tenant_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Chat::from))
+    }
+
+    async fn list_user_chats(
+        &self,
+        tenant_id: Uuid,
+        user_id: &str,
+        page: Page,
+    ) -> StoreResult<(Vec<Chat>, i64)> {
+        let dir = if page.descending { "DESC" } else { "ASC" };
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{CHAT_COLS} WHERE tenant_id = $1 AND user_id = $2 \
+             ORDER BY created_at {dir}, id {dir} LIMIT $3 OFFSET $4"
+        ));
+        let rows = sqlx::query_as::<_, ChatRow>(sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(page.limit)
+            .bind(page.offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let total: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE tenant_id = $1 AND user_id = $2")
+                .bind(tenant_id)
+                .bind(user_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((rows.into_iter().map(Chat::from).collect(), total))
+    }
+
+    async fn delete_chat(&self, tenant_id: Uuid, chat_id: Uuid) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM chats WHERE id = $1 AND tenant_id = $2")
+            .bind(chat_id)
+            .bind(tenant_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn add_user_message(
+        &self,
+        chat_id: Uuid,
+        user_id: &str,
+        content: &str,
+        metadata: &Map<String, Value>,
+    ) -> StoreResult<Message> {
+        let message = Message {
+            id: crate::protocol::message_id(),
+            chat_id,
+            role: Role::User,
+            user_id: user_id.to_owned(),
+            content: content.to_owned(),
+            metadata: metadata.clone(),
+            reply_to: None,
+            created_at: Utc::now(),
+        };
+        self.insert_message(&message).await?;
+        Ok(message)
+    }
+
+    async fn add_answer(&self, a: &NewAnswer) -> StoreResult<bool> {
+        self.insert_message(&Message {
+            id: a.id.clone(),
+            chat_id: a.chat_id,
+            role: Role::Assistant,
+            user_id: a.user_id.clone(),
+            content: a.content.clone(),
+            metadata: a.metadata.clone(),
+            reply_to: Some(a.reply_to.clone()),
+            created_at: Utc::now(),
+        })
+        .await
+    }
+
+    async fn answer_to(&self, message_id: &str) -> StoreResult<Option<Message>> {
+        let sql = sqlx::AssertSqlSafe(format!("{MESSAGE_COLS} WHERE reply_to = $1"));
+        let row = sqlx::query_as::<_, MessageRow>(sql)
+            .bind(message_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(Message::try_from).transpose()
+    }
+
+    async fn list_messages(&self, chat_id: Uuid, page: Page) -> StoreResult<(Vec<Message>, i64)> {
+        let dir = if page.descending { "DESC" } else { "ASC" };
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{MESSAGE_COLS} WHERE chat_id = $1 ORDER BY seq {dir} LIMIT $2 OFFSET $3"
+        ));
+        let rows = sqlx::query_as::<_, MessageRow>(sql)
+            .bind(chat_id)
+            .bind(page.limit)
+            .bind(page.offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE chat_id = $1")
+            .bind(chat_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((messages(rows)?, total))
+    }
+
+    async fn unanswered(&self, limit: u32) -> StoreResult<Vec<Job>> {
+        let rows: Vec<(String, Uuid, Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT m.id, m.chat_id, c.tenant_id, m.user_id, m.content, m.created_at \
+             FROM messages m JOIN chats c ON c.id = m.chat_id \
+             WHERE m.sender_role = 'user' \
+               AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.reply_to = m.id) \
+             ORDER BY m.seq LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(message_id, chat_id, tenant_id, user_id, content, enqueued_at)| Job {
+                    message_id,
+                    chat_id,
+                    tenant_id,
+                    user_id,
+                    content,
+                    enqueued_at,
+                },
+            )
+            .collect())
+    }
+
+    async fn history_before(
+        &self,
+        chat_id: Uuid,
+        message_id: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{MESSAGE_COLS} WHERE chat_id = $1 AND seq < (SELECT seq FROM messages WHERE id = $2) \
+             ORDER BY seq DESC LIMIT $3"
+        ));
+        let rows = sqlx::query_as::<_, MessageRow>(sql)
+            .bind(chat_id)
+            .bind(message_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut history = messages(rows)?;
+        history.reverse();
+        Ok(history)
+    }
+}
