@@ -5,9 +5,13 @@ use std::{net::TcpListener, sync::Arc, time::Duration};
 use actix_web::{App, HttpServer, dev::Server, web};
 use anyhow::Context as _;
 use shared::{
-    broker::{Broker, memory::MemoryBroker},
+    broker::{
+        Broker,
+        memory::MemoryBroker,
+        redis::{RedisBroker, RedisBrokerConfig},
+    },
     config::Config,
-    limits::memory::MemoryLimits,
+    limits::{Limits, memory::MemoryLimits, redis::RedisLimits},
     shutdown::Shutdown,
     store::{self, Store, TenantCache},
 };
@@ -24,38 +28,25 @@ pub struct Application {
 impl Application {
     /// Opens the store, wires the broker and limits, starts the worker and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        if config.redis_url.is_some() {
-            anyhow::bail!(
-                "PARLEY_REDIS_URL is set, but this build only supports the embedded mode"
-            );
-        }
         let store = store::connect(&config.database_url)
             .await
             .with_context(|| format!("opening the store at {}", config.database_url))?;
         if config.bootstrap_tenant {
             bootstrap_tenant(store.as_ref()).await?;
         }
-        let broker = Arc::new(MemoryBroker::new(config.limits.chat_buffer));
         let shutdown = Shutdown::new();
         let tenants = TenantCache::new(
             store.clone(),
             Duration::from_secs(config.limits.tenant_cache_secs),
         );
-        let worker = worker::Worker::new(tenants.clone(), broker.clone(), config.worker.clone());
-        shutdown.tracker.spawn(worker.run(shutdown.clone()));
-        requeue_unanswered(store.as_ref(), broker.as_ref()).await?;
-
+        let (broker, limits) = match &config.redis_url {
+            Some(url) => distributed(&config, url).await?,
+            None => embedded(&config, &tenants, &shutdown).await?,
+        };
         let listener =
             TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
-        let state = AppState::new(
-            store,
-            broker,
-            Arc::new(MemoryLimits::new()),
-            Arc::new(config),
-            tenants,
-            shutdown,
-        );
+        let state = AppState::new(store, broker, limits, Arc::new(config), tenants, shutdown);
         let workers = match state.config.http_workers {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
@@ -119,6 +110,32 @@ impl Stopper {
         self.handle.stop(true).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), self.state.shutdown.stop()).await;
     }
+}
+
+/// Redis broker and limits; workers run as separate processes.
+async fn distributed(
+    config: &Config,
+    url: &str,
+) -> anyhow::Result<(Arc<dyn Broker>, Arc<dyn Limits>)> {
+    let consumer = format!("gateway-{}", uuid::Uuid::new_v4());
+    let broker =
+        RedisBroker::connect(RedisBrokerConfig::from_config(config, url, consumer)).await?;
+    let lease = Duration::from_secs(config.cluster.lease_secs.max(1));
+    let limits = RedisLimits::connect(url, &config.redis_prefix, lease).await?;
+    Ok((broker, limits))
+}
+
+/// In-process broker, limits and worker.
+async fn embedded(
+    config: &Config,
+    tenants: &TenantCache,
+    shutdown: &Shutdown,
+) -> anyhow::Result<(Arc<dyn Broker>, Arc<dyn Limits>)> {
+    let broker = Arc::new(MemoryBroker::new(config.limits.chat_buffer));
+    let worker = worker::Worker::new(tenants.clone(), broker.clone(), config.worker.clone());
+    shutdown.tracker.spawn(worker.run(shutdown.clone()));
+    requeue_unanswered(tenants.store().as_ref(), broker.as_ref()).await?;
+    Ok((broker, Arc::new(MemoryLimits::new())))
 }
 
 /// Queues again the messages a previous run saved but did not answer: the in-process queue

@@ -20,6 +20,9 @@ pub struct Config {
     pub database_url: String,
     /// `redis://…` selects the distributed broker (`PARLEY_REDIS_URL`); unset runs in-process.
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel (`PARLEY_REDIS_PREFIX`), so that deployments (or
+    /// tests) can share one Redis.
+    pub redis_prefix: String,
     /// Prometheus `/metrics` listen address (`PARLEY_METRICS_BIND`).
     pub metrics_bind: String,
     /// Log filter in `RUST_LOG` syntax (`PARLEY_LOG`).
@@ -32,6 +35,30 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The in-process or stand-alone worker.
     pub worker: WorkerConfig,
+    /// Timings of the distributed mode.
+    pub cluster: ClusterConfig,
+}
+
+/// Timings of the distributed mode (Redis).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterConfig {
+    /// Lifetime of a connection slot's lease; a crashed gateway's slots free themselves within it.
+    pub lease_secs: u64,
+    /// A job silent this long in a worker's hands is given to another worker.
+    pub reclaim_after_secs: u64,
+    /// Deliveries after which a job is dead-lettered.
+    pub max_attempts: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            lease_secs: 15,
+            reclaim_after_secs: 30,
+            max_attempts: 5,
+        }
+    }
 }
 
 /// Protocol-level limits (per-tenant limits live in the tenant's settings).
@@ -70,12 +97,14 @@ impl Default for Config {
             admin_token: None,
             database_url: "sqlite://parley.db".into(),
             redis_url: None,
+            redis_prefix: "parley:".into(),
             metrics_bind: "0.0.0.0:9000".into(),
             log: "info".into(),
             http_workers: 0,
             bootstrap_tenant: true,
             limits: LimitsConfig::default(),
             worker: WorkerConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }

@@ -70,6 +70,7 @@ async fn drain_chat(ctx: Arc<Context>, queues: Queues, first: Delivery) {
     let chat_id = first.job.chat_id;
     let mut next = Some(first);
     while let Some(delivery) = next {
+        wait_for_turn(&ctx, &delivery).await;
         answer::answer(&ctx, delivery).await;
         let mut map = queues
             .lock()
@@ -78,5 +79,15 @@ async fn drain_chat(ctx: Arc<Context>, queues: Queues, first: Delivery) {
         if next.is_none() {
             map.remove(&chat_id);
         }
+    }
+}
+
+/// Waits until the chat's earlier jobs are done on whichever worker holds them.
+async fn wait_for_turn(ctx: &Context, delivery: &Delivery) {
+    let mut backoff = std::time::Duration::from_millis(100);
+    while let Err(e) = ctx.broker.turn(delivery).await {
+        tracing::warn!(error = %e, "could not check the chat's order; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
     }
 }

@@ -14,6 +14,7 @@ use std::sync::{
 };
 
 use dashmap::DashMap;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::protocol::Frame;
@@ -29,6 +30,7 @@ pub struct Hub {
     chats: Arc<DashMap<Uuid, Vec<Subscriber>>>,
     next_id: Arc<AtomicU64>,
     capacity: usize,
+    emptied: Option<mpsc::UnboundedSender<Uuid>>,
 }
 
 impl Hub {
@@ -38,7 +40,27 @@ impl Hub {
             chats: Arc::new(DashMap::new()),
             next_id: Arc::new(AtomicU64::new(0)),
             capacity: capacity.max(1),
+            emptied: None,
         }
+    }
+
+    /// A hub that reports on `emptied` every chat whose last local subscriber left (a networked
+    /// broker then unsubscribes upstream).
+    pub fn with_listener(capacity: usize, emptied: mpsc::UnboundedSender<Uuid>) -> Self {
+        Self {
+            emptied: Some(emptied),
+            ..Self::new(capacity)
+        }
+    }
+
+    /// Whether the chat has local subscribers now.
+    pub fn has_subscribers(&self, chat_id: Uuid) -> bool {
+        self.chats.contains_key(&chat_id)
+    }
+
+    /// The chats with local subscribers now.
+    pub fn chat_ids(&self) -> Vec<Uuid> {
+        self.chats.iter().map(|e| *e.key()).collect()
     }
 
     /// Subscribes to a chat's events; the second value is true when this is the chat's first
@@ -88,12 +110,17 @@ impl Hub {
     /// Removes one subscriber; true when it was the chat's last (a networked broker then
     /// unsubscribes upstream).
     fn release(&self, chat_id: Uuid, id: u64) -> bool {
-        self.chats
+        let emptied = self
+            .chats
             .remove_if_mut(&chat_id, |_, subs| {
                 subs.retain(|s| s.id != id);
                 subs.is_empty()
             })
-            .is_some()
+            .is_some();
+        if emptied && let Some(tx) = &self.emptied {
+            let _ = tx.send(chat_id);
+        }
+        emptied
     }
 }
 

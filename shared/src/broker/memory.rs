@@ -55,6 +55,7 @@ impl Broker for MemoryBroker {
         Ok(job.map(|job| Delivery {
             id: self.next_id.fetch_add(1, Ordering::Relaxed).to_string(),
             attempt: 1,
+            seq: 0,
             job,
         }))
     }

@@ -7,6 +7,7 @@
 
 pub mod hub;
 pub mod memory;
+pub mod redis;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -33,6 +34,8 @@ pub struct Delivery {
     pub id: String,
     /// How many times this job has been delivered (1 on the first delivery).
     pub attempt: u32,
+    /// The job's place in its chat's order (1, 2, …); 0 where the broker orders by itself.
+    pub seq: u64,
     /// The job.
     pub job: Job,
 }
@@ -44,6 +47,11 @@ pub trait Broker: Send + Sync + 'static {
     async fn enqueue(&self, job: Job) -> Result<(), BrokerError>;
     /// Waits for the next job; `None` once the broker is closed.
     async fn next_job(&self) -> Result<Option<Delivery>, BrokerError>;
+    /// Waits until every earlier job of the delivery's chat is done, whichever worker holds it.
+    /// The in-process broker has a single consumer that already keeps each chat in order.
+    async fn turn(&self, _delivery: &Delivery) -> Result<(), BrokerError> {
+        Ok(())
+    }
     /// Marks a job done so that it is never delivered again.
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError>;
     /// Sends an event to every socket of the chat, on every gateway.

@@ -5,6 +5,7 @@
 //! embedded [`memory::MemoryLimits`] keeps them in the process.
 
 pub mod memory;
+pub mod redis;
 
 use std::time::Duration;
 

@@ -1,0 +1,432 @@
+//! The distributed broker: jobs on a Redis Stream with a consumer group, chat events on pub/sub
+//! channels keyed by chat id, cancels on one pub/sub channel.
+//!
+//! - **Jobs** (`{prefix}jobs`, group `workers`): delivered at least once and acknowledged (and
+//!   deleted) only after the answer is saved. A job whose worker went silent for `reclaim_after`
+//!   is claimed by another worker; workers keep their in-flight jobs fresh with `XCLAIM … JUSTID`
+//!   so a long answer is never taken away. A job delivered `max_attempts` times goes to
+//!   `{prefix}jobs:dead` and its chat gets an `AI_ERROR`.
+//! - **Order per chat across workers**: enqueueing assigns the job the chat's next sequence
+//!   number (`INCR` and `XADD` in one script); a worker answers job *n* only once the chat's done
+//!   counter reached *n − 1*, and acknowledging sets it to *n*. Chats run in parallel; a chat's
+//!   messages never do, whichever workers hold them.
+//! - **Events**: one pub/sub connection per process multiplexes every chat with a local socket:
+//!   `SUBSCRIBE` on the chat's first local subscriber, `UNSUBSCRIBE` after its last. After a lost
+//!   connection the subscriber reconnects and subscribes again to every chat in the hub.
+
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytestring::ByteString;
+use dashmap::DashMap;
+use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use futures_util::StreamExt;
+use redis::{AsyncCommands, Script, streams::StreamReadReply};
+use tokio::sync::{broadcast, mpsc};
+use uuid::Uuid;
+
+use super::{Broker, BrokerError, Delivery, Hub, Subscription};
+use crate::protocol::{ErrorCode, Job, ServerEvent};
+
+const GROUP: &str = "workers";
+
+/// Settings of the Redis broker.
+#[derive(Debug, Clone)]
+pub struct RedisBrokerConfig {
+    /// `redis://…`.
+    pub url: String,
+    /// Prefix of every key and channel (lets several deployments or tests share one Redis).
+    pub prefix: String,
+    /// Events buffered per socket (see [`Hub`]).
+    pub chat_buffer: usize,
+    /// A job idle this long in a silent worker's hands is given to another worker.
+    pub reclaim_after: Duration,
+    /// Deliveries after which a job is dead-lettered.
+    pub max_attempts: u32,
+    /// This process's consumer name in the group.
+    pub consumer: String,
+}
+
+impl RedisBrokerConfig {
+    /// The broker settings of a process configuration; `consumer` names this process.
+    pub fn from_config(config: &crate::config::Config, url: &str, consumer: String) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: config.redis_prefix.clone(),
+            chat_buffer: config.limits.chat_buffer,
+            reclaim_after: Duration::from_secs(config.cluster.reclaim_after_secs.max(1)),
+            max_attempts: config.cluster.max_attempts.max(1),
+            consumer,
+        }
+    }
+}
+
+/// Redis-backed [`Broker`].
+pub struct RedisBroker {
+    pool: Pool,
+    cfg: RedisBrokerConfig,
+    hub: Hub,
+    control: mpsc::UnboundedSender<Uuid>,
+    cancels: broadcast::Sender<Uuid>,
+    in_flight: Arc<DashMap<String, ()>>,
+    enqueue_script: Script,
+    ack_script: Script,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl RedisBroker {
+    /// Connects, creates the consumer group if needed and starts the subscriber task. The
+    /// background tasks end once the broker is dropped.
+    pub async fn connect(cfg: RedisBrokerConfig) -> Result<Arc<Self>, BrokerError> {
+        let pool = PoolConfig::from_url(cfg.url.clone())
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(unavailable)?;
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let broker = Arc::new(Self {
+            pool,
+            hub: Hub::with_listener(cfg.chat_buffer, control.clone()),
+            control,
+            cancels: broadcast::channel(1024).0,
+            in_flight: Arc::new(DashMap::new()),
+            enqueue_script: Script::new(
+                "local seq = redis.call('INCR', KEYS[1]) redis.call('EXPIRE', KEYS[1], 604800) \
+                 redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'seq', seq) return seq",
+            ),
+            ack_script: Script::new(
+                "local done = tonumber(redis.call('GET', KEYS[1]) or '0') \
+                 if tonumber(ARGV[2]) > done then redis.call('SET', KEYS[1], ARGV[2], 'EX', 604800) end \
+                 redis.call('XACK', KEYS[2], ARGV[3], ARGV[1]) redis.call('XDEL', KEYS[2], ARGV[1]) return 1",
+            ),
+            cfg,
+        });
+        broker.create_group().await?;
+        let client = redis::Client::open(broker.cfg.url.as_str()).map_err(unavailable)?;
+        tokio::spawn(subscriber(Arc::downgrade(&broker), client, control_rx));
+        tokio::spawn(keep_fresh(Arc::downgrade(&broker)));
+        Ok(broker)
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.cfg.prefix)
+    }
+
+    fn chat_channel(&self, chat_id: Uuid) -> String {
+        self.key(&format!("chat:{chat_id}"))
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, BrokerError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    async fn create_group(&self) -> Result<(), BrokerError> {
+        let mut c = self.conn().await?;
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.key("jobs"))
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut *c)
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other.map_err(unavailable),
+        }
+    }
+
+    /// A job left by a silent worker, if any (claimed for this consumer).
+    async fn reclaim(&self) -> Result<Option<Delivery>, BrokerError> {
+        let mut c = self.conn().await?;
+        let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(self.key("jobs"))
+            .arg(GROUP)
+            .arg(&self.cfg.consumer)
+            .arg(u64::try_from(self.cfg.reclaim_after.as_millis()).unwrap_or(u64::MAX))
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut *c)
+            .await
+            .map_err(unavailable)?;
+        let Some(entry) = reply.claimed.into_iter().next() else {
+            return Ok(None);
+        };
+        let pending: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(self.key("jobs"))
+            .arg(GROUP)
+            .arg(&entry.id)
+            .arg(&entry.id)
+            .arg(1)
+            .query_async(&mut *c)
+            .await
+            .map_err(unavailable)?;
+        let attempt = pending.ids.first().map_or(2, |p| p.times_delivered);
+        Ok(Some(self.delivery(
+            &entry,
+            u32::try_from(attempt).unwrap_or(u32::MAX),
+        )?))
+    }
+
+    fn delivery(
+        &self,
+        entry: &redis::streams::StreamId,
+        attempt: u32,
+    ) -> Result<Delivery, BrokerError> {
+        let raw: String = entry
+            .get("job")
+            .ok_or_else(|| unavailable("job entry without a job"))?;
+        let job: Job = serde_json::from_str(&raw).map_err(unavailable)?;
+        let seq: u64 = entry.get("seq").unwrap_or(0);
+        self.in_flight.insert(entry.id.clone(), ());
+        Ok(Delivery {
+            id: entry.id.clone(),
+            attempt,
+            seq,
+            job,
+        })
+    }
+
+    /// Gives up on a job that failed too often: dead-letters it and tells its chat.
+    async fn dead_letter(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let mut c = self.conn().await?;
+        let job = serde_json::to_string(&delivery.job).map_err(unavailable)?;
+        let _: String = c
+            .xadd(
+                self.key("jobs:dead"),
+                "*",
+                &[("job", job), ("attempts", delivery.attempt.to_string())],
+            )
+            .await
+            .map_err(unavailable)?;
+        tracing::error!(chat_id = %delivery.job.chat_id, attempts = delivery.attempt, "job dead-lettered");
+        let event = ServerEvent::error(
+            ErrorCode::AiError,
+            "The message could not be answered; it was set aside",
+        );
+        self.publish(delivery.job.chat_id, &event).await?;
+        self.ack(delivery).await
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn enqueue(&self, job: Job) -> Result<(), BrokerError> {
+        let payload = serde_json::to_string(&job).map_err(unavailable)?;
+        let mut c = self.conn().await?;
+        let _: u64 = self
+            .enqueue_script
+            .key(self.key(&format!("chatseq:{}", job.chat_id)))
+            .key(self.key("jobs"))
+            .arg(payload)
+            .invoke_async(&mut *c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn next_job(&self) -> Result<Option<Delivery>, BrokerError> {
+        loop {
+            if let Some(d) = self.reclaim().await? {
+                if d.attempt > self.cfg.max_attempts {
+                    self.dead_letter(&d).await?;
+                    continue;
+                }
+                return Ok(Some(d));
+            }
+            let mut c = self.conn().await?;
+            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.cfg.consumer)
+                .arg("COUNT")
+                .arg(1)
+                .arg("BLOCK")
+                // Below the client's response timeout (500 ms) so a quiet queue is not an error.
+                .arg(250)
+                .arg("STREAMS")
+                .arg(self.key("jobs"))
+                .arg(">")
+                .query_async(&mut *c)
+                .await
+                .map_err(unavailable)?;
+            let entry = reply
+                .and_then(|r| r.keys.into_iter().next())
+                .and_then(|k| k.ids.into_iter().next());
+            if let Some(entry) = entry {
+                return self.delivery(&entry, 1).map(Some);
+            }
+        }
+    }
+
+    async fn turn(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let key = self.key(&format!("chatdone:{}", delivery.job.chat_id));
+        let mut wait = Duration::from_millis(2);
+        loop {
+            let done: Option<u64> = self.conn().await?.get(&key).await.map_err(unavailable)?;
+            if done.unwrap_or(0) + 1 >= delivery.seq {
+                return Ok(());
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let mut c = self.conn().await?;
+        let _: i64 = self
+            .ack_script
+            .key(self.key(&format!("chatdone:{}", delivery.job.chat_id)))
+            .key(self.key("jobs"))
+            .arg(&delivery.id)
+            .arg(delivery.seq)
+            .arg(GROUP)
+            .invoke_async(&mut *c)
+            .await
+            .map_err(unavailable)?;
+        self.in_flight.remove(&delivery.id);
+        Ok(())
+    }
+
+    async fn publish(&self, chat_id: Uuid, event: &ServerEvent) -> Result<(), BrokerError> {
+        let frame = event.to_frame();
+        let mut c = self.conn().await?;
+        let _: i64 = c
+            .publish(self.chat_channel(chat_id), &*frame)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn subscribe(&self, chat_id: Uuid) -> Subscription {
+        let (sub, first) = self.hub.subscribe(chat_id);
+        if first {
+            let _ = self.control.send(chat_id);
+        }
+        sub
+    }
+
+    async fn cancel(&self, chat_id: Uuid) -> Result<(), BrokerError> {
+        let mut c = self.conn().await?;
+        let _: i64 = c
+            .publish(self.key("cancel"), chat_id.to_string())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn cancels(&self) -> broadcast::Receiver<Uuid> {
+        self.cancels.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        let mut c = self.conn().await?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut *c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// Keeps in-flight jobs from looking abandoned while they are being answered.
+async fn keep_fresh(broker: Weak<RedisBroker>) {
+    loop {
+        let Some(b) = broker.upgrade() else { return };
+        let period = b.cfg.reclaim_after / 3;
+        let ids: Vec<String> = b.in_flight.iter().map(|e| e.key().clone()).collect();
+        if !ids.is_empty()
+            && let Ok(mut c) = b.conn().await
+        {
+            let claimed: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+                .arg(b.key("jobs"))
+                .arg(GROUP)
+                .arg(&b.cfg.consumer)
+                .arg(0)
+                .arg(&ids)
+                .arg("JUSTID")
+                .query_async(&mut *c)
+                .await;
+            if let Err(e) = claimed {
+                tracing::warn!(error = %e, "could not refresh in-flight jobs");
+            }
+        }
+        drop(b);
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// The process's one pub/sub connection: forwards chat events into the hub and cancels to the
+/// workers; applies subscribe/unsubscribe requests; reconnects and resubscribes after a loss.
+async fn subscriber(
+    broker: Weak<RedisBroker>,
+    client: redis::Client,
+    mut control: mpsc::UnboundedReceiver<Uuid>,
+) {
+    loop {
+        let Some(b) = broker.upgrade() else { return };
+        let (prefix, cancel_channel) = (b.key("chat:"), b.key("cancel"));
+        let chats = b.hub.chat_ids();
+        drop(b);
+        let pubsub = match client.get_async_pubsub().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "redis pub/sub unavailable; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let mut channels: Vec<String> = chats.iter().map(|c| format!("{prefix}{c}")).collect();
+        channels.push(cancel_channel.clone());
+        if sink.subscribe(&channels).await.is_err() {
+            continue;
+        }
+        loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(msg) = msg else { break };
+                    let Some(b) = broker.upgrade() else { return };
+                    deliver(&b, &prefix, &cancel_channel, &msg);
+                }
+                chat = control.recv() => {
+                    let Some(chat) = chat else { return };
+                    let Some(b) = broker.upgrade() else { return };
+                    let channel = format!("{prefix}{chat}");
+                    let wanted = b.hub.has_subscribers(chat);
+                    drop(b);
+                    let done = if wanted { sink.subscribe(&channel).await } else { sink.unsubscribe(&channel).await };
+                    if done.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::warn!("redis pub/sub connection lost; reconnecting");
+    }
+}
+
+fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg) {
+    let channel = msg.get_channel_name();
+    if channel == cancel_channel {
+        if let Ok(chat) = std::str::from_utf8(msg.get_payload_bytes()).map(Uuid::parse_str) {
+            let _ = chat.map(|c| b.cancels.send(c));
+        }
+        return;
+    }
+    let Some(chat) = channel
+        .strip_prefix(prefix)
+        .and_then(|c| Uuid::parse_str(c).ok())
+    else {
+        return;
+    };
+    if let Ok(frame) = ByteString::try_from(bytes::Bytes::copy_from_slice(msg.get_payload_bytes()))
+    {
+        b.hub.send(chat, frame);
+    }
+}

@@ -1,0 +1,56 @@
+//! The `worker` binary: answers queued messages from Redis, saving to the configured database.
+//! Without `PARLEY_REDIS_URL` there is nothing to do: the gateway then runs its worker in-process.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use shared::{
+    broker::redis::{RedisBroker, RedisBrokerConfig},
+    config::Config,
+    shutdown::Shutdown,
+    store::{self, TenantCache},
+};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::load()?;
+    shared::telemetry::init(&config.log);
+    let url = config
+        .redis_url
+        .clone()
+        .context("the worker needs PARLEY_REDIS_URL (without it the gateway answers in-process)")?;
+    let store = store::connect(&config.database_url)
+        .await
+        .with_context(|| format!("opening the store at {}", config.database_url))?;
+    let consumer = format!("worker-{}", uuid::Uuid::new_v4());
+    let broker = RedisBroker::connect(RedisBrokerConfig::from_config(
+        &config,
+        &url,
+        consumer.clone(),
+    ))
+    .await?;
+    let tenants = TenantCache::new(store, Duration::from_secs(config.limits.tenant_cache_secs));
+    let shutdown = Shutdown::new();
+    tracing::info!(%consumer, "parley worker started");
+    let worker = worker::Worker::new(tenants, broker, config.worker.clone());
+    tokio::select! {
+        () = worker.run(shutdown.clone()) => {}
+        () = stop_signal() => tracing::info!("stop signal received"),
+    }
+    let drain = Duration::from_secs(config.worker.drain_timeout_secs);
+    let _ = tokio::time::timeout(drain, shutdown.stop()).await;
+    Ok(())
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
