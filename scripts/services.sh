@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Makes sure the PostgreSQL the tests use is reachable on 127.0.0.1:5432 (user postgres, trust
-# auth). Where it is not running it is started, and installed from Debian's packages when absent.
+# Makes sure the PostgreSQL (127.0.0.1:5432, user postgres, trust auth) and Redis
+# (127.0.0.1:6379) the tests use are reachable. Where one is not running it is started, and
+# installed from Debian's packages when absent.
 # Source it (`. scripts/services.sh`) after defining apt_install, or run it directly.
 set -euo pipefail
 
@@ -27,4 +28,15 @@ ensure_postgres() {
   return 1
 }
 
+ensure_redis() {
+  port_open 6379 && return 0
+  command -v redis-server >/dev/null || apt_install redis-server
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /tmp --logfile /tmp/parley-test-redis.log
+  for _ in $(seq 50); do port_open 6379 && return 0; sleep 0.1; done
+  echo "Redis did not start" >&2
+  return 1
+}
+
 ensure_postgres
+ensure_redis

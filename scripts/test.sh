@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test. On a fresh Debian machine with only Rust it first starts (installing when
-# absent) the PostgreSQL the store tests use, and installs what the black-box tests drive the
+# absent) the PostgreSQL and Redis the tests use, and installs what the black-box tests drive the
 # product with: Python 3 with `websockets` (the seed's Python client) and Node.js (the seed's
 # JavaScript client; `ws` stands in for the global WebSocket of Node < 20).
 set -euo pipefail
@@ -31,5 +31,7 @@ if ! node --experimental-websocket -e 'process.exit(typeof WebSocket === "functi
 fi
 
 cargo test --workspace --all-targets "$@"
-# The black-box suite once more with the Postgres store behind the gateway.
+# The black-box suite once more with the Postgres store behind the embedded gateway, and once
+# with the distributed wiring (Postgres, Redis, a separate worker).
 PARLEY_TEST_STORE=postgres cargo test -p gateway --test api "$@"
+PARLEY_TEST_MODE=distributed cargo test -p gateway --test api "$@"

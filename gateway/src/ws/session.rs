@@ -91,7 +91,18 @@ impl Connection {
     }
 
     async fn serve(mut self, mut stream: AggregatedMessageStream) {
-        let mut events = self.state.broker.subscribe(self.accepted.chat_id);
+        let mut events = match self.state.broker.subscribe(self.accepted.chat_id).await {
+            Ok(events) => events,
+            Err(e) => {
+                let _ = Box::pin(self.send(ApiError::from(e).to_event())).await;
+                let _ = Box::pin(
+                    self.session
+                        .close(Some(close(CloseCode::Again, "SERVICE_UNAVAILABLE"))),
+                )
+                .await;
+                return;
+            }
+        };
         // The greeting and the close run once; boxing them keeps the long-lived task small.
         if Box::pin(self.greet()).await.is_break() {
             return;

@@ -7,7 +7,12 @@ use sqlx::Connection;
 use futures_util::{SinkExt, StreamExt};
 use gateway::{Application, Stopper};
 use serde_json::{Value, json};
-use shared::config::Config;
+use shared::{
+    broker::redis::{RedisBroker, RedisBrokerConfig},
+    config::Config,
+    shutdown::Shutdown,
+    store::TenantCache,
+};
 use tempfile::TempDir;
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
@@ -25,7 +30,49 @@ pub struct TestApp {
     pub tenant_id: String,
     pub db_url: String,
     stopper: Stopper,
+    worker: Option<Shutdown>,
     _db: Option<TestDb>,
+}
+
+/// `PARLEY_TEST_MODE=distributed` runs every test against the distributed wiring: Postgres,
+/// Redis (its own key prefix per test database), and a worker beside the gateway.
+pub fn distributed() -> bool {
+    std::env::var("PARLEY_TEST_MODE").as_deref() == Ok("distributed")
+}
+
+pub fn redis_url() -> String {
+    std::env::var("PARLEY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Points a configuration at Redis with a key prefix of its own (derived from the database, so
+/// a restarted app finds its queues again), with short lease and reclaim times.
+pub fn use_redis(config: &mut Config) {
+    let db = config
+        .database_url
+        .rsplit('/')
+        .next()
+        .unwrap_or("db")
+        .to_owned();
+    config.redis_url = Some(redis_url());
+    config.redis_prefix = format!("test:{db}:");
+    config.cluster.lease_secs = 3;
+    config.cluster.reclaim_after_secs = 1;
+}
+
+/// Starts a worker in this process against the configuration's Redis and database.
+pub async fn start_worker(config: &Config) -> Shutdown {
+    let url = config.redis_url.clone().expect("redis url");
+    let consumer = format!("test-worker-{}", uuid::Uuid::new_v4());
+    let broker = RedisBroker::connect(RedisBrokerConfig::from_config(config, &url, consumer))
+        .await
+        .expect("redis");
+    let store = shared::store::connect(&config.database_url)
+        .await
+        .expect("store");
+    let tenants = TenantCache::new(store, Duration::from_secs(config.limits.tenant_cache_secs));
+    let shutdown = Shutdown::new();
+    tokio::spawn(worker::Worker::new(tenants, broker, config.worker.clone()).run(shutdown.clone()));
+    shutdown
 }
 
 /// A database of the test's own: a SQLite file in a temporary folder, or (with
@@ -37,7 +84,7 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        if std::env::var("PARLEY_TEST_STORE").as_deref() == Ok("postgres") {
+        if distributed() || std::env::var("PARLEY_TEST_STORE").as_deref() == Ok("postgres") {
             let admin = std::env::var("PARLEY_TEST_POSTGRES_URL")
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
             let name = format!("parley_api_{}", uuid::Uuid::new_v4().simple());
@@ -79,6 +126,7 @@ impl Drop for TestDb {
                 .expect("runtime");
             rt.block_on(async {
                 let (base, name) = url.rsplit_once('/').expect("url with a database name");
+                drop_redis_keys(&format!("test:{name}:")).await;
                 if let Ok(mut conn) = sqlx::PgConnection::connect(&format!("{base}/postgres")).await
                 {
                     let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
@@ -87,6 +135,24 @@ impl Drop for TestDb {
             });
         })
         .join();
+    }
+}
+
+/// Deletes a test's Redis keys (best effort).
+async fn drop_redis_keys(prefix: &str) {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
     }
 }
 
@@ -112,8 +178,15 @@ pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         bootstrap_tenant: false,
         ..Config::default()
     };
+    if distributed() {
+        use_redis(&mut config);
+    }
     tweak(&mut config);
     let admin_on = config.admin_token.is_some();
+    let worker = match config.redis_url {
+        Some(_) => Some(start_worker(&config).await),
+        None => None,
+    };
     shared::telemetry::init("warn");
     let app = Application::build(config).await.expect("app builds");
     let port = app.port();
@@ -126,6 +199,7 @@ pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         tenant_id: String::new(),
         db_url: db_url.to_owned(),
         stopper,
+        worker,
         _db: None,
     };
     if admin_on {
@@ -143,6 +217,9 @@ impl TestApp {
 
     pub async fn stop(&self) {
         self.stopper.stop().await;
+        if let Some(w) = &self.worker {
+            w.stop().await;
+        }
     }
 
     /// `POST /admin/v1/tenants` → the JSON body (with `api_key`).

@@ -70,8 +70,8 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    fn subscribe(&self, chat_id: Uuid) -> Subscription {
-        self.hub.subscribe(chat_id).0
+    async fn subscribe(&self, chat_id: Uuid) -> Result<Subscription, BrokerError> {
+        Ok(self.hub.subscribe(chat_id).0)
     }
 
     async fn cancel(&self, chat_id: Uuid) -> Result<(), BrokerError> {

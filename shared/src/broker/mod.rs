@@ -56,8 +56,9 @@ pub trait Broker: Send + Sync + 'static {
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError>;
     /// Sends an event to every socket of the chat, on every gateway.
     async fn publish(&self, chat_id: Uuid, event: &ServerEvent) -> Result<(), BrokerError>;
-    /// Receives the chat's events on this process until the subscription is dropped.
-    fn subscribe(&self, chat_id: Uuid) -> Subscription;
+    /// Receives the chat's events on this process until the subscription is dropped. Returns
+    /// once the subscription is live, so that no event published afterwards is missed.
+    async fn subscribe(&self, chat_id: Uuid) -> Result<Subscription, BrokerError>;
     /// Asks whichever worker answers the chat to stop.
     async fn cancel(&self, chat_id: Uuid) -> Result<(), BrokerError>;
     /// Cancel requests, for workers.

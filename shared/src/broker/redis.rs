@@ -25,13 +25,21 @@ use dashmap::DashMap;
 use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
 use futures_util::StreamExt;
 use redis::{AsyncCommands, Script, streams::StreamReadReply};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{Broker, BrokerError, Delivery, Hub, Subscription};
 use crate::protocol::{ErrorCode, Job, ServerEvent};
 
 const GROUP: &str = "workers";
+
+/// Requests to the subscriber task.
+enum Control {
+    /// Make sure the chat's channel is subscribed, then answer.
+    Subscribe(Uuid, oneshot::Sender<()>),
+    /// The chat's last local socket left: unsubscribe unless a new one arrived meanwhile.
+    Emptied(Uuid),
+}
 
 /// Settings of the Redis broker.
 #[derive(Debug, Clone)]
@@ -69,7 +77,7 @@ pub struct RedisBroker {
     pool: Pool,
     cfg: RedisBrokerConfig,
     hub: Hub,
-    control: mpsc::UnboundedSender<Uuid>,
+    control: mpsc::UnboundedSender<Control>,
     cancels: broadcast::Sender<Uuid>,
     in_flight: Arc<DashMap<String, ()>>,
     enqueue_script: Script,
@@ -88,9 +96,11 @@ impl RedisBroker {
             .create_pool(Some(Runtime::Tokio1))
             .map_err(unavailable)?;
         let (control, control_rx) = mpsc::unbounded_channel();
+        let (emptied, emptied_rx) = mpsc::unbounded_channel();
+        tokio::spawn(forward_emptied(emptied_rx, control.downgrade()));
         let broker = Arc::new(Self {
             pool,
-            hub: Hub::with_listener(cfg.chat_buffer, control.clone()),
+            hub: Hub::with_listener(cfg.chat_buffer, emptied),
             control,
             cancels: broadcast::channel(1024).0,
             in_flight: Arc::new(DashMap::new()),
@@ -303,12 +313,15 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    fn subscribe(&self, chat_id: Uuid) -> Subscription {
-        let (sub, first) = self.hub.subscribe(chat_id);
-        if first {
-            let _ = self.control.send(chat_id);
-        }
-        sub
+    async fn subscribe(&self, chat_id: Uuid) -> Result<Subscription, BrokerError> {
+        let (sub, _) = self.hub.subscribe(chat_id);
+        let (done, live) = oneshot::channel();
+        self.control
+            .send(Control::Subscribe(chat_id, done))
+            .map_err(|_| BrokerError::Closed)?;
+        live.await
+            .map_err(|_| BrokerError::Unavailable("redis pub/sub unavailable".into()))?;
+        Ok(sub)
     }
 
     async fn cancel(&self, chat_id: Uuid) -> Result<(), BrokerError> {
@@ -361,13 +374,29 @@ async fn keep_fresh(broker: Weak<RedisBroker>) {
     }
 }
 
+/// Turns the hub's "chat emptied" reports into subscriber requests.
+async fn forward_emptied(
+    mut emptied: mpsc::UnboundedReceiver<Uuid>,
+    control: mpsc::WeakUnboundedSender<Control>,
+) {
+    while let Some(chat) = emptied.recv().await {
+        let Some(control) = control.upgrade() else {
+            return;
+        };
+        let _ = control.send(Control::Emptied(chat));
+    }
+}
+
 /// The process's one pub/sub connection: forwards chat events into the hub and cancels to the
-/// workers; applies subscribe/unsubscribe requests; reconnects and resubscribes after a loss.
+/// workers; subscribes and unsubscribes chats as sockets come and go; reconnects and
+/// resubscribes every chat of the hub after a lost connection. Requests are handled in order,
+/// so a socket's subscribe request is answered only once its chat's channel is live.
 async fn subscriber(
     broker: Weak<RedisBroker>,
     client: redis::Client,
-    mut control: mpsc::UnboundedReceiver<Uuid>,
+    mut control: mpsc::UnboundedReceiver<Control>,
 ) {
+    let mut pending: Option<Control> = None;
     loop {
         let Some(b) = broker.upgrade() else { return };
         let (prefix, cancel_channel) = (b.key("chat:"), b.key("cancel"));
@@ -382,29 +411,55 @@ async fn subscriber(
             }
         };
         let (mut sink, mut stream) = pubsub.split();
+        let mut live: std::collections::HashSet<Uuid> = chats.iter().copied().collect();
         let mut channels: Vec<String> = chats.iter().map(|c| format!("{prefix}{c}")).collect();
         channels.push(cancel_channel.clone());
         if sink.subscribe(&channels).await.is_err() {
             continue;
         }
         loop {
-            tokio::select! {
-                msg = stream.next() => {
-                    let Some(msg) = msg else { break };
-                    let Some(b) = broker.upgrade() else { return };
-                    deliver(&b, &prefix, &cancel_channel, &msg);
-                }
-                chat = control.recv() => {
-                    let Some(chat) = chat else { return };
-                    let Some(b) = broker.upgrade() else { return };
-                    let channel = format!("{prefix}{chat}");
-                    let wanted = b.hub.has_subscribers(chat);
-                    drop(b);
-                    let done = if wanted { sink.subscribe(&channel).await } else { sink.unsubscribe(&channel).await };
-                    if done.is_err() {
-                        break;
+            let request = match pending.take() {
+                Some(r) => r,
+                None => tokio::select! {
+                    msg = stream.next() => {
+                        let Some(msg) = msg else { break };
+                        let Some(b) = broker.upgrade() else { return };
+                        deliver(&b, &prefix, &cancel_channel, &msg);
+                        continue;
                     }
+                    request = control.recv() => match request {
+                        Some(r) => r,
+                        None => return,
+                    },
+                },
+            };
+            let (chat, wanted) = match &request {
+                Control::Subscribe(chat, _) => (*chat, true),
+                Control::Emptied(chat) => {
+                    let Some(b) = broker.upgrade() else { return };
+                    (*chat, b.hub.has_subscribers(*chat))
                 }
+            };
+            let channel = format!("{prefix}{chat}");
+            let applied = match (wanted, live.contains(&chat)) {
+                (true, false) => sink
+                    .subscribe(&channel)
+                    .await
+                    .map(|()| live.insert(chat))
+                    .map(drop),
+                (false, true) => sink
+                    .unsubscribe(&channel)
+                    .await
+                    .map(|()| live.remove(&chat))
+                    .map(drop),
+                _ => Ok(()),
+            };
+            if applied.is_err() {
+                pending = Some(request);
+                break;
+            }
+            if let Control::Subscribe(_, done) = request {
+                let _ = done.send(());
             }
         }
         tracing::warn!("redis pub/sub connection lost; reconnecting");
