@@ -30,6 +30,8 @@ if ! node --experimental-websocket -e 'process.exit(typeof WebSocket === "functi
   npm install --silent --no-audit --no-fund --prefix gateway/tests/clients ws@8 >/dev/null
 fi
 
+# The cluster tests start gateway and worker binaries as real processes.
+cargo build -p gateway -p worker
 cargo test --workspace --all-targets "$@"
 # The black-box suite once more with the Postgres store behind the embedded gateway, and once
 # with the distributed wiring (Postgres, Redis, a separate worker).

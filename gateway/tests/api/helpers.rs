@@ -84,7 +84,26 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        if distributed() || std::env::var("PARLEY_TEST_STORE").as_deref() == Ok("postgres") {
+        let postgres =
+            distributed() || std::env::var("PARLEY_TEST_STORE").as_deref() == Ok("postgres");
+        if postgres {
+            Self::postgres().await
+        } else {
+            Self::sqlite()
+        }
+    }
+
+    pub fn sqlite() -> TestDb {
+        let dir = TempDir::new().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("parley.db").display());
+        TestDb {
+            url,
+            _dir: Some(dir),
+        }
+    }
+
+    pub async fn postgres() -> TestDb {
+        {
             let admin = std::env::var("PARLEY_TEST_POSTGRES_URL")
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
             let name = format!("parley_api_{}", uuid::Uuid::new_v4().simple());
@@ -98,16 +117,10 @@ impl TestDb {
             .await
             .expect("create database");
             let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-            return TestDb {
+            TestDb {
                 url: format!("{base}/{name}"),
                 _dir: None,
-            };
-        }
-        let dir = TempDir::new().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("parley.db").display());
-        TestDb {
-            url,
-            _dir: Some(dir),
+            }
         }
     }
 }
@@ -213,6 +226,13 @@ pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Stops the in-process worker (answers then come only from other workers).
+    pub async fn stop_worker(&self) {
+        if let Some(w) = &self.worker {
+            w.stop().await;
+        }
     }
 
     pub async fn stop(&self) {

@@ -3,6 +3,7 @@
 
 mod admin;
 mod clients;
+mod cluster;
 mod helpers;
 mod rest;
 mod ws_errors;

@@ -1,0 +1,217 @@
+//! The distributed topology: gateways and workers sharing only Redis and Postgres.
+//! In-process nodes for the sharing tests; real processes (killed with SIGKILL) for crashes.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// A gateway or worker binary of this workspace as a child process, on the test's database and
+/// Redis prefix.
+struct Node {
+    child: Child,
+    port: Option<u16>,
+}
+
+impl Node {
+    fn spawn(binary: &str, db_url: &str) -> Node {
+        let path = PathBuf::from(env!("CARGO_BIN_EXE_gateway")).with_file_name(binary);
+        assert!(
+            path.exists(),
+            "{} is missing: build it first (cargo build -p {binary})",
+            path.display()
+        );
+        let db = db_url.rsplit('/').next().unwrap();
+        let mut child = Command::new(path)
+            .env("PARLEY_DATABASE_URL", db_url)
+            .env("PARLEY_REDIS_URL", redis_url())
+            .env("PARLEY_REDIS_PREFIX", format!("test:{db}:"))
+            .env("PARLEY_CLUSTER__LEASE_SECS", "3")
+            .env("PARLEY_CLUSTER__RECLAIM_AFTER_SECS", "1")
+            .env("PARLEY_BIND", "127.0.0.1:0")
+            .env("PARLEY_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node starts");
+        let mut port = None;
+        if binary == "gateway" {
+            let stdout = child.stdout.take().unwrap();
+            for line in BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                if line.contains("parley gateway listening") {
+                    let v: Value = serde_json::from_str(&line).unwrap();
+                    port = v["port"].as_u64().map(|p| p as u16);
+                    break;
+                }
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Node { child, port }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL: no goodbye to Redis
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn strip_timestamps(mut events: Vec<Value>) -> Vec<Value> {
+    for e in &mut events {
+        e.as_object_mut().unwrap().remove("timestamp");
+    }
+    events
+}
+
+#[tokio::test]
+async fn sockets_on_two_gateways_see_the_same_stream_and_each_message_is_answered_once()
+-> TestResult {
+    let db = TestDb::postgres().await;
+    let a = start(&db.url, use_redis).await;
+    let b = start(&db.url, use_redis).await;
+    let chat = a.chat("u1").await;
+    let mut on_a = a.ws(&a.api_key, "u1", &chat).await;
+    let mut on_b = b.ws(&a.api_key, "u1", &chat).await;
+    on_a.next().await;
+    on_b.next().await;
+    for text in ["one", "two", "three"] {
+        on_b.send_json(json!({"content": text})).await;
+    }
+    let mut seen = Vec::new();
+    for ws in [&mut on_a, &mut on_b] {
+        let mut events = Vec::new();
+        for _ in 0..3 {
+            events.extend(ws.until("message_stream_ended").await);
+        }
+        seen.push(strip_timestamps(events));
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "both gateways deliver the identical stream"
+    );
+    let received: Vec<&Value> = seen[0]
+        .iter()
+        .filter(|e| e["event_type"] == "message_received")
+        .map(|e| &e["message_id"])
+        .collect();
+    let answered: Vec<&Value> = seen[0]
+        .iter()
+        .filter(|e| e["event_type"] == "message_stream_started")
+        .map(|e| &e["reply_to"])
+        .collect();
+    assert_eq!(
+        received, answered,
+        "answered one at a time, in arrival order"
+    );
+    let saved: Value = a
+        .get(&a.api_key, &format!("/api/v1/chats/{chat}/messages"))
+        .await
+        .json()
+        .await?;
+    assert_eq!(
+        saved["total"], 6,
+        "three messages, three answers, nothing twice"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_connection_limit_spans_gateways_and_a_crashed_gateways_slots_come_back() -> TestResult
+{
+    let db = TestDb::postgres().await;
+    let a = start(&db.url, use_redis).await;
+    let b = start(&db.url, use_redis).await;
+    let key = a.tenant_with(json!({"max_connections": 2})).await;
+    let chat = a.chat_as(&key, "u1").await;
+    {
+        let mut x = a.ws(&key, "u1", &chat).await;
+        let mut y = b.ws(&key, "u1", &chat).await;
+        assert_eq!(x.next().await["event_type"], "connection_established");
+        assert_eq!(y.next().await["event_type"], "connection_established");
+        let mut z = a.ws(&key, "u1", &chat).await;
+        let e = z.next().await;
+        assert_eq!(e["error_code"], "CONNECTION_LIMIT", "{e}");
+        x.inner.close(None).await?;
+        y.inner.close(None).await?;
+        x.closed().await;
+        y.closed().await;
+    }
+    // A third gateway, a real process, takes both slots and dies without a word.
+    let mut crashed = Node::spawn("gateway", &db.url);
+    let port = crashed.port.expect("gateway port");
+    let url =
+        |p: u16| format!("ws://127.0.0.1:{p}/ws/chat?api_key={key}&user_id=u1&chat_id={chat}");
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        let (inner, _) = tokio_tungstenite::connect_async(url(port)).await?;
+        let mut ws = Ws { inner };
+        if ws.next().await["event_type"] == "connection_established" {
+            held.push(ws);
+            if held.len() == 2 {
+                break;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(held.len(), 2);
+    crashed.kill();
+    let started = std::time::Instant::now();
+    loop {
+        let mut ws = a.ws(&key, "u1", &chat).await;
+        if ws.next().await["event_type"] == "connection_established" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "slots of a dead gateway must come back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_answer_leaves_exactly_one_complete_answer() -> TestResult {
+    let db = TestDb::postgres().await;
+    // A gateway without an in-process worker: the answers come from worker processes.
+    let gw = start(&db.url, use_redis).await;
+    gw.stop_worker().await;
+    let key = gw
+        .tenant_with(json!({"agent": {"options": {"reply_tokens": 40, "token_delay_ms": 50}}}))
+        .await;
+    let chat = gw.chat_as(&key, "u1").await;
+    let mut first = Node::spawn("worker", &db.url);
+    let mut ws = gw.ws(&key, "u1", &chat).await;
+    ws.next().await;
+    ws.send_json(json!({"content": "survive this"})).await;
+    let mut events = ws.until("message_stream_token").await;
+    events.extend([ws.next().await, ws.next().await]);
+    first.kill();
+    let _second = Node::spawn("worker", &db.url);
+    let ended = ws.until("message_stream_ended").await;
+    let ended = ended.last().unwrap();
+    let saved: Value = gw
+        .get(&key, &format!("/api/v1/chats/{chat}/messages"))
+        .await
+        .json()
+        .await?;
+    assert_eq!(saved["total"], 2, "one message, one answer: {saved}");
+    assert_eq!(saved["messages"][1]["content"], ended["content"]);
+    assert_eq!(saved["messages"][1]["metadata"]["tokens_used"], 40);
+    assert_eq!(ended["finish_reason"], "stop");
+    Ok(())
+}
