@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{Map, Value, json};
 use shared::{
     broker::Delivery,
@@ -148,6 +148,7 @@ async fn stream_answer(
             return out;
         }
     };
+    let mut batch = Vec::new();
     loop {
         let item = tokio::select! {
             biased;
@@ -157,34 +158,63 @@ async fn stream_answer(
             }
             item = stream.next() => item,
         };
-        match item {
-            Some(Ok(StreamItem::Delta(token))) => {
-                out.content.push_str(&token);
-                out.tokens += 1;
-                publish(ctx, job, ServerEvent::token(job.chat_id, token)).await;
+        let mut done = take(&mut out, job, item, &mut batch);
+        // Whatever the model has ready too goes out in the same broker message.
+        while done.is_none() && batch.len() < MAX_BATCH {
+            match stream.next().now_or_never() {
+                Some(item) => done = take(&mut out, job, item, &mut batch),
+                None => break,
             }
-            Some(Ok(StreamItem::Done {
-                finish_reason,
-                usage,
-            })) => {
-                out.finish_reason = if finish_reason == "length" {
-                    "length"
-                } else {
-                    "stop"
-                };
-                out.usage = usage;
-                return out;
-            }
-            Some(Err(e)) => {
-                out.error = Some(e);
-                return out;
-            }
-            None => {
-                out.error = Some(ProviderError::Failed(
-                    "stream ended before completion".into(),
-                ));
-                return out;
-            }
+        }
+        if let Err(e) = ctx.broker.publish_all(job.chat_id, &batch).await {
+            tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish tokens");
+        }
+        batch.clear();
+        if done.is_some() {
+            return out;
+        }
+    }
+}
+
+/// Most token events carried in one broker message.
+const MAX_BATCH: usize = 64;
+
+/// Applies one stream item: a token joins the batch; the end of the stream (or an error)
+/// settles the outcome and returns `Some`.
+fn take(
+    out: &mut Outcome,
+    job: &Job,
+    item: Option<Result<StreamItem, ProviderError>>,
+    batch: &mut Vec<ServerEvent>,
+) -> Option<()> {
+    match item {
+        Some(Ok(StreamItem::Delta(token))) => {
+            out.content.push_str(&token);
+            out.tokens += 1;
+            batch.push(ServerEvent::token(job.chat_id, token));
+            None
+        }
+        Some(Ok(StreamItem::Done {
+            finish_reason,
+            usage,
+        })) => {
+            out.finish_reason = if finish_reason == "length" {
+                "length"
+            } else {
+                "stop"
+            };
+            out.usage = usage;
+            Some(())
+        }
+        Some(Err(e)) => {
+            out.error = Some(e);
+            Some(())
+        }
+        None => {
+            out.error = Some(ProviderError::Failed(
+                "stream ended before completion".into(),
+            ));
+            Some(())
         }
     }
 }

@@ -56,6 +56,14 @@ pub trait Broker: Send + Sync + 'static {
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError>;
     /// Sends an event to every socket of the chat, on every gateway.
     async fn publish(&self, chat_id: Uuid, event: &ServerEvent) -> Result<(), BrokerError>;
+    /// Sends several events of one chat, in order. A networked broker carries them in one
+    /// message (tokens coalesced on the wire); sockets still get one event each.
+    async fn publish_all(&self, chat_id: Uuid, events: &[ServerEvent]) -> Result<(), BrokerError> {
+        for event in events {
+            self.publish(chat_id, event).await?;
+        }
+        Ok(())
+    }
     /// Receives the chat's events on this process until the subscription is dropped. Returns
     /// once the subscription is live, so that no event published afterwards is missed.
     async fn subscribe(&self, chat_id: Uuid) -> Result<Subscription, BrokerError>;

@@ -13,6 +13,8 @@
 //! - **Events**: one pub/sub connection per process multiplexes every chat with a local socket:
 //!   `SUBSCRIBE` on the chat's first local subscriber, `UNSUBSCRIBE` after its last. After a lost
 //!   connection the subscriber reconnects and subscribes again to every chat in the hub.
+//!   Tokens ready at the same moment travel in one pub/sub message (newline-separated frames)
+//!   and are split back into one socket event each.
 
 use std::{
     sync::{Arc, Weak},
