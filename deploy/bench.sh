@@ -3,25 +3,44 @@
 #   deploy/bench.sh throughput   # 200 chats back to back, 50-token answers
 #   deploy/bench.sh ttft         # a steady 200 messages/s over 200 chats
 #   deploy/bench.sh idle [N] [K] # gateway memory per idle socket at N sockets over K chats (10000, 100)
+# TOPOLOGY=distributed runs one gateway and one worker process on the local Redis and
+# PostgreSQL instead of the embedded gateway, and also reports Redis PUBLISH calls per token.
 # Reports land in reports/. The gateway and the load generator share this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-throughput}
-cargo build --release -q -p gateway -p loadgen
+cargo build --release -q -p gateway -p worker -p loadgen
 mkdir -p reports
 dir=$(mktemp -d)
 port=${PARLEY_BENCH_PORT:-18000}
 export PARLEY_ADMIN_TOKEN=bench PARLEY_LOG=warn PARLEY_BOOTSTRAP_TENANT=false
-PARLEY_BIND=127.0.0.1:$port PARLEY_DATABASE_URL="sqlite://$dir/bench.db" ./target/release/gateway &
+wk=
+if [ "${TOPOLOGY:-embedded}" = distributed ]; then
+  . scripts/services.sh
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS parley_bench WITH (FORCE)" -c "CREATE DATABASE parley_bench"
+  export PARLEY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/parley_bench
+  export PARLEY_REDIS_URL=redis://127.0.0.1:6379 PARLEY_REDIS_PREFIX="bench$$:"
+  ./target/release/gateway migrate >/dev/null
+  ./target/release/worker &
+  wk=$!
+else
+  export PARLEY_DATABASE_URL="sqlite://$dir/bench.db"
+fi
+PARLEY_BIND=127.0.0.1:$port ./target/release/gateway &
 gw=$!
-trap 'kill $gw 2>/dev/null; wait $gw 2>/dev/null; rm -rf "$dir"' EXIT
+trap 'kill $gw $wk 2>/dev/null; wait $gw $wk 2>/dev/null; rm -rf "$dir"' EXIT
+publishes() { redis-cli info commandstats | awk -F'[=,:]' '/^cmdstat_publish:/ {print $3}'; }
 for _ in $(seq 50); do curl -sf "127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$gw/status"; }
 lg=./target/release/loadgen
 case "$mode" in
   throughput)
+    p0=$(publishes || echo 0)
     $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 50 --reply-tokens 50 \
-        --report reports/throughput.json ;;
+        --report reports/throughput.json
+    if [ -n "$wk" ]; then
+      echo "redis PUBLISH calls per token: $(awk -v a="$p0" -v b="$(publishes)" 'BEGIN {printf "%.3f", (b - a) / 500000}')"
+    fi ;;
   ttft)
     $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 30 --reply-tokens 50 \
         --rate 200 --report reports/ttft.json ;;

@@ -35,6 +35,9 @@ use crate::protocol::{ErrorCode, Job, ServerEvent};
 
 const GROUP: &str = "workers";
 
+/// Jobs taken from the stream in one read; they stay claimed (and kept fresh) while buffered.
+const READ_BATCH: usize = 64;
+
 /// Requests to the subscriber task.
 enum Control {
     /// Make sure the chat's channel is subscribed, then answer.
@@ -82,6 +85,8 @@ pub struct RedisBroker {
     control: mpsc::UnboundedSender<Control>,
     cancels: broadcast::Sender<Uuid>,
     in_flight: Arc<DashMap<String, ()>>,
+    buffered: tokio::sync::Mutex<std::collections::VecDeque<Delivery>>,
+    last_reclaim: std::sync::Mutex<std::time::Instant>,
     enqueue_script: Script,
     ack_script: Script,
 }
@@ -106,6 +111,8 @@ impl RedisBroker {
             control,
             cancels: broadcast::channel(1024).0,
             in_flight: Arc::new(DashMap::new()),
+            buffered: tokio::sync::Mutex::new(std::collections::VecDeque::new()),
+            last_reclaim: std::sync::Mutex::new(std::time::Instant::now()),
             enqueue_script: Script::new(
                 "local seq = redis.call('INCR', KEYS[1]) redis.call('EXPIRE', KEYS[1], 604800) \
                  redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'seq', seq) return seq",
@@ -150,6 +157,38 @@ impl RedisBroker {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
             other => other.map_err(unavailable),
         }
+    }
+
+    /// Whether it is time to look for jobs left by silent workers (twice per reclaim period).
+    fn reclaim_due(&self) -> bool {
+        let mut last = self.last_reclaim.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.elapsed() < self.cfg.reclaim_after / 2 {
+            return false;
+        }
+        *last = std::time::Instant::now();
+        true
+    }
+
+    /// New jobs for this consumer: up to a batch, waiting briefly when there are none.
+    async fn read_new(&self) -> Result<Vec<Delivery>, BrokerError> {
+        let mut c = self.conn().await?;
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.cfg.consumer)
+            .arg("COUNT")
+            .arg(READ_BATCH)
+            .arg("BLOCK")
+            // Below the client's response timeout (500 ms) so a quiet queue is not an error.
+            .arg(250)
+            .arg("STREAMS")
+            .arg(self.key("jobs"))
+            .arg(">")
+            .query_async(&mut *c)
+            .await
+            .map_err(unavailable)?;
+        let entries = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
+        entries.map(|entry| self.delivery(&entry, 1)).collect()
     }
 
     /// A job left by a silent worker, if any (claimed for this consumer).
@@ -243,36 +282,24 @@ impl Broker for RedisBroker {
     }
 
     async fn next_job(&self) -> Result<Option<Delivery>, BrokerError> {
+        let mut buffered = self.buffered.lock().await;
         loop {
-            if let Some(d) = self.reclaim().await? {
+            if let Some(d) = buffered.pop_front() {
                 if d.attempt > self.cfg.max_attempts {
                     self.dead_letter(&d).await?;
                     continue;
                 }
                 return Ok(Some(d));
             }
-            let mut c = self.conn().await?;
-            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.cfg.consumer)
-                .arg("COUNT")
-                .arg(1)
-                .arg("BLOCK")
-                // Below the client's response timeout (500 ms) so a quiet queue is not an error.
-                .arg(250)
-                .arg("STREAMS")
-                .arg(self.key("jobs"))
-                .arg(">")
-                .query_async(&mut *c)
-                .await
-                .map_err(unavailable)?;
-            let entry = reply
-                .and_then(|r| r.keys.into_iter().next())
-                .and_then(|k| k.ids.into_iter().next());
-            if let Some(entry) = entry {
-                return self.delivery(&entry, 1).map(Some);
+            if self.reclaim_due() {
+                while let Some(d) = self.reclaim().await? {
+                    buffered.push_back(d);
+                }
+                if !buffered.is_empty() {
+                    continue;
+                }
             }
+            buffered.extend(self.read_new().await?);
         }
     }
 
@@ -306,10 +333,25 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, chat_id: Uuid, event: &ServerEvent) -> Result<(), BrokerError> {
-        let frame = event.to_frame();
+        self.publish_all(chat_id, std::slice::from_ref(event)).await
+    }
+
+    async fn publish_all(&self, chat_id: Uuid, events: &[ServerEvent]) -> Result<(), BrokerError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        // Frames are JSON, which never holds a raw newline: newline-separated frames split
+        // back exactly on the receiving gateway.
+        let mut payload = String::new();
+        for event in events {
+            if !payload.is_empty() {
+                payload.push('\n');
+            }
+            payload.push_str(&event.to_frame());
+        }
         let mut c = self.conn().await?;
         let _: i64 = c
-            .publish(self.chat_channel(chat_id), &*frame)
+            .publish(self.chat_channel(chat_id), payload)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -482,8 +524,16 @@ fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg
     else {
         return;
     };
-    if let Ok(frame) = ByteString::try_from(bytes::Bytes::copy_from_slice(msg.get_payload_bytes()))
-    {
-        b.hub.send(chat, frame);
+    let mut rest = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
+    while !rest.is_empty() {
+        let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+        let frame = rest.split_to(end);
+        if !rest.is_empty() {
+            rest = rest.split_off(1);
+        }
+        // Each piece is a whole JSON text, so valid UTF-8 on its own.
+        if let Ok(frame) = ByteString::try_from(frame) {
+            b.hub.send(chat, frame);
+        }
     }
 }
