@@ -84,22 +84,21 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
         options: agent.options.clone(),
     };
     let answer_id = message_id();
-    publish(
-        ctx,
-        job,
-        ServerEvent::MessageStreamStarted {
-            timestamp: Utc::now(),
-            chat_id: job.chat_id,
-            user_id: job.user_id.clone(),
-            message_id: answer_id.clone(),
-            reply_to: job.message_id.clone(),
-        },
-    )
-    .await;
+    // The outbox: events wait here until the stream would make us wait, then leave in one
+    // broker message (`message_stream_started` travels with the first tokens when they are
+    // ready at once, or alone when the model is slow to start).
+    let mut outbox = vec![ServerEvent::MessageStreamStarted {
+        timestamp: Utc::now(),
+        chat_id: job.chat_id,
+        user_id: job.user_id.clone(),
+        message_id: answer_id.clone(),
+        reply_to: job.message_id.clone(),
+    }];
     let cancel = CancellationToken::new();
     ctx.active.insert(job.chat_id, cancel.clone());
-    let outcome = stream_answer(ctx, job, &agent.provider, request, &cancel).await;
+    let outcome = stream_answer(ctx, job, &agent.provider, request, &cancel, &mut outbox).await;
     ctx.active.remove(&job.chat_id);
+    flush(ctx, job, &mut outbox).await;
     finish(ctx, job, answer_id, &agent.model, outcome).await
 }
 
@@ -133,6 +132,7 @@ async fn stream_answer(
     provider: &str,
     request: ChatRequest,
     cancel: &CancellationToken,
+    outbox: &mut Vec<ServerEvent>,
 ) -> Outcome {
     let mut out = Outcome {
         content: String::new(),
@@ -148,8 +148,20 @@ async fn stream_answer(
             return out;
         }
     };
-    let mut batch = Vec::new();
     loop {
+        // Take whatever the model has ready without waiting.
+        while outbox.len() < MAX_BATCH && !cancel.is_cancelled() {
+            match stream.next().now_or_never() {
+                Some(item) => {
+                    if take(&mut out, job, item, outbox).is_some() {
+                        return out;
+                    }
+                }
+                None => break,
+            }
+        }
+        // About to wait: what is ready goes out first.
+        flush(ctx, job, outbox).await;
         let item = tokio::select! {
             biased;
             () = cancel.cancelled() => {
@@ -158,22 +170,21 @@ async fn stream_answer(
             }
             item = stream.next() => item,
         };
-        let mut done = take(&mut out, job, item, &mut batch);
-        // Whatever the model has ready too goes out in the same broker message.
-        while done.is_none() && batch.len() < MAX_BATCH {
-            match stream.next().now_or_never() {
-                Some(item) => done = take(&mut out, job, item, &mut batch),
-                None => break,
-            }
-        }
-        if let Err(e) = ctx.broker.publish_all(job.chat_id, &batch).await {
-            tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish tokens");
-        }
-        batch.clear();
-        if done.is_some() {
+        if take(&mut out, job, item, outbox).is_some() {
             return out;
         }
     }
+}
+
+/// Publishes the outbox as one broker message and empties it.
+async fn flush(ctx: &Context, job: &Job, outbox: &mut Vec<ServerEvent>) {
+    if outbox.is_empty() {
+        return;
+    }
+    if let Err(e) = ctx.broker.publish_all(job.chat_id, outbox).await {
+        tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish events");
+    }
+    outbox.clear();
 }
 
 /// Most token events carried in one broker message.

@@ -297,12 +297,6 @@ impl Connection {
             user_id: user_id.clone(),
             content: content.clone(),
         };
-        if let Err(e) = self.state.broker.publish(chat_id, &received).await {
-            tracing::warn!(error = %e, "could not publish message_received; sending it to the sender only");
-            if self.send(received).await.is_break() {
-                return ControlFlow::Break(());
-            }
-        }
         let job = Job {
             message_id: saved.id,
             chat_id,
@@ -311,7 +305,9 @@ impl Connection {
             content,
             enqueued_at: Utc::now(),
         };
-        match self.state.broker.enqueue(job).await {
+        // Without the broker the message stays saved but unannounced: the client is told the
+        // service is unavailable instead of receiving `message_received`.
+        match self.state.broker.announce_and_enqueue(&received, job).await {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => self.send(ApiError::from(e).to_event()).await,
         }

@@ -45,6 +45,16 @@ pub struct Delivery {
 pub trait Broker: Send + Sync + 'static {
     /// Queues a job. Jobs of one chat are delivered in the order they were queued.
     async fn enqueue(&self, job: Job) -> Result<(), BrokerError>;
+    /// Announces a saved message to the chat and queues its job, the announcement first (so
+    /// it precedes the answer on every socket). A networked broker does both in one round trip.
+    async fn announce_and_enqueue(
+        &self,
+        received: &ServerEvent,
+        job: Job,
+    ) -> Result<(), BrokerError> {
+        self.publish(job.chat_id, received).await?;
+        self.enqueue(job).await
+    }
     /// Waits for the next job; `None` once the broker is closed.
     async fn next_job(&self) -> Result<Option<Delivery>, BrokerError>;
     /// Waits until every earlier job of the delivery's chat is done, whichever worker holds it.

@@ -35,6 +35,9 @@ use crate::protocol::{ErrorCode, Job, ServerEvent};
 
 const GROUP: &str = "workers";
 
+/// Chats whose last acknowledged job this process remembers.
+const ACKED_MEMORY: usize = 100_000;
+
 /// Jobs taken from the stream in one read; they stay claimed (and kept fresh) while buffered.
 const READ_BATCH: usize = 64;
 
@@ -86,6 +89,8 @@ pub struct RedisBroker {
     cancels: broadcast::Sender<Uuid>,
     in_flight: Arc<DashMap<String, ()>>,
     buffered: tokio::sync::Mutex<std::collections::VecDeque<Delivery>>,
+    /// The last sequence number this worker acknowledged, per chat (a shortcut for `turn`).
+    acked: DashMap<Uuid, u64>,
     last_reclaim: std::sync::Mutex<std::time::Instant>,
     enqueue_script: Script,
     ack_script: Script,
@@ -112,9 +117,11 @@ impl RedisBroker {
             cancels: broadcast::channel(1024).0,
             in_flight: Arc::new(DashMap::new()),
             buffered: tokio::sync::Mutex::new(std::collections::VecDeque::new()),
+            acked: DashMap::new(),
             last_reclaim: std::sync::Mutex::new(std::time::Instant::now()),
             enqueue_script: Script::new(
-                "local seq = redis.call('INCR', KEYS[1]) redis.call('EXPIRE', KEYS[1], 604800) \
+                "if ARGV[2] ~= '' then redis.call('PUBLISH', KEYS[3], ARGV[2]) end \
+                 local seq = redis.call('INCR', KEYS[1]) redis.call('EXPIRE', KEYS[1], 604800) \
                  redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'seq', seq) return seq",
             ),
             ack_script: Script::new(
@@ -159,9 +166,36 @@ impl RedisBroker {
         }
     }
 
+    /// Queues a job (after publishing `announce` to its chat, if given) in one script.
+    async fn run_enqueue(
+        &self,
+        announce: Option<&ServerEvent>,
+        job: Job,
+    ) -> Result<(), BrokerError> {
+        let payload = serde_json::to_string(&job).map_err(unavailable)?;
+        let announce = announce
+            .map(|e| e.to_frame().to_string())
+            .unwrap_or_default();
+        let mut c = self.conn().await?;
+        let _: u64 = self
+            .enqueue_script
+            .key(self.key(&format!("chatseq:{}", job.chat_id)))
+            .key(self.key("jobs"))
+            .key(self.chat_channel(job.chat_id))
+            .arg(payload)
+            .arg(announce)
+            .invoke_async(&mut *c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     /// Whether it is time to look for jobs left by silent workers (twice per reclaim period).
     fn reclaim_due(&self) -> bool {
-        let mut last = self.last_reclaim.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self
+            .last_reclaim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if last.elapsed() < self.cfg.reclaim_after / 2 {
             return false;
         }
@@ -268,17 +302,15 @@ impl RedisBroker {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn enqueue(&self, job: Job) -> Result<(), BrokerError> {
-        let payload = serde_json::to_string(&job).map_err(unavailable)?;
-        let mut c = self.conn().await?;
-        let _: u64 = self
-            .enqueue_script
-            .key(self.key(&format!("chatseq:{}", job.chat_id)))
-            .key(self.key("jobs"))
-            .arg(payload)
-            .invoke_async(&mut *c)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.run_enqueue(None, job).await
+    }
+
+    async fn announce_and_enqueue(
+        &self,
+        received: &ServerEvent,
+        job: Job,
+    ) -> Result<(), BrokerError> {
+        self.run_enqueue(Some(received), job).await
     }
 
     async fn next_job(&self) -> Result<Option<Delivery>, BrokerError> {
@@ -304,6 +336,14 @@ impl Broker for RedisBroker {
     }
 
     async fn turn(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        // This worker acknowledged the chat's previous job itself: no need to ask Redis.
+        if self
+            .acked
+            .get(&delivery.job.chat_id)
+            .is_some_and(|s| *s + 1 >= delivery.seq)
+        {
+            return Ok(());
+        }
         let key = self.key(&format!("chatdone:{}", delivery.job.chat_id));
         let mut wait = Duration::from_millis(2);
         loop {
@@ -329,6 +369,10 @@ impl Broker for RedisBroker {
             .await
             .map_err(unavailable)?;
         self.in_flight.remove(&delivery.id);
+        if self.acked.len() >= ACKED_MEMORY {
+            self.acked.clear();
+        }
+        self.acked.insert(delivery.job.chat_id, delivery.seq);
         Ok(())
     }
 
