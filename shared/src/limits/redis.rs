@@ -1,11 +1,15 @@
-//! Cluster-wide limits in Redis: connection slots as leases that expire, and atomic REST windows.
+//! Cluster-wide limits in Redis: connection slots counted per gateway with a liveness lease,
+//! and atomic REST windows.
 //!
-//! A tenant's slots are a sorted set (`{prefix}conns:{tenant}`) of lease ids scored by their
-//! expiry; a chat's open sockets are another (`{prefix}chatconns:{chat}`). Taking a slot drops
-//! expired leases and counts the rest in one script, with Redis's own clock, so every gateway
-//! sees the same count. Each gateway refreshes its live leases every third of the lease time;
-//! the leases of a gateway that died expire by themselves within `lease_ttl`. Dropping a
-//! [`ConnectionLease`] removes it at once.
+//! A tenant's open sockets are a hash (`{prefix}conns:{tenant}`) of per-gateway counts; a chat's
+//! are another (`{prefix}chatconns:{chat}`). Each gateway keeps a liveness key
+//! (`{prefix}alive:{gateway}`) alive with one `SET … PX` every third of `lease_ttl`, whatever
+//! its number of sockets. Counting (in one script, so gateways never race) adds the counts of
+//! live gateways and drops those of dead ones: the slots of a gateway that crashed free
+//! themselves within `lease_ttl`. Dropping a [`ConnectionLease`] gives its slot back at once.
+//!
+//! The scripts read the liveness keys of other gateways, which suits a single Redis (or a
+//! primary with replicas), not Redis Cluster.
 
 use std::{
     sync::{Arc, Weak},
@@ -13,7 +17,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use dashmap::DashMap;
 use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
 use redis::Script;
 use tokio::sync::mpsc;
@@ -21,14 +24,24 @@ use uuid::Uuid;
 
 use super::{ConnectionLease, Limits, LimitsError, RateDecision};
 
+/// Sums the live gateways' counts of a hash (dropping dead gateways' fields).
+const LIVE_SUM: &str = "local function live_sum(key, alive) \
+       local total = 0 local f = redis.call('HGETALL', key) \
+       for i = 1, #f, 2 do \
+         if redis.call('EXISTS', alive .. f[i]) == 1 then total = total + tonumber(f[i + 1]) \
+         else redis.call('HDEL', key, f[i]) end \
+       end return total end ";
+
 /// Redis-backed [`Limits`].
 pub struct RedisLimits {
     pool: Pool,
     prefix: String,
+    gateway: String,
     lease_ttl: Duration,
-    live: DashMap<Uuid, (Uuid, Uuid)>,
-    releases: mpsc::UnboundedSender<Uuid>,
+    releases: mpsc::UnboundedSender<(Uuid, Uuid)>,
     acquire: Script,
+    release: Script,
+    count: Script,
     window: Script,
 }
 
@@ -40,20 +53,21 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Gives a slot back when the socket's lease is dropped.
 struct Release {
-    id: Uuid,
-    tx: mpsc::UnboundedSender<Uuid>,
+    slot: (Uuid, Uuid),
+    tx: mpsc::UnboundedSender<(Uuid, Uuid)>,
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let _ = self.tx.send(self.id);
+        let _ = self.tx.send(self.slot);
     }
 }
 
 impl RedisLimits {
-    /// Connects and starts the task that refreshes and releases this process's leases (it ends
-    /// when the limits are dropped).
+    /// Connects, marks this gateway alive and starts the task that keeps it so and gives slots
+    /// back (it ends when the limits are dropped).
     pub async fn connect(
         url: &str,
         prefix: &str,
@@ -66,24 +80,27 @@ impl RedisLimits {
         let limits = Arc::new(Self {
             pool,
             prefix: prefix.to_owned(),
+            gateway: Uuid::new_v4().to_string(),
             lease_ttl,
-            live: DashMap::new(),
             releases,
-            acquire: Script::new(
-                "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) \
-                 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) \
-                 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end \
-                 local exp = now + tonumber(ARGV[2]) \
-                 redis.call('ZADD', KEYS[1], exp, ARGV[3]) redis.call('PEXPIRE', KEYS[1], ARGV[2]) \
-                 redis.call('ZADD', KEYS[2], exp, ARGV[3]) redis.call('PEXPIRE', KEYS[2], ARGV[2]) \
-                 return 1",
+            acquire: Script::new(&format!(
+                "{LIVE_SUM} if live_sum(KEYS[1], ARGV[3]) >= tonumber(ARGV[1]) then return 0 end \
+                 redis.call('HINCRBY', KEYS[1], ARGV[2], 1) redis.call('HINCRBY', KEYS[2], ARGV[2], 1) \
+                 return 1"
+            )),
+            release: Script::new(
+                "for _, key in ipairs(KEYS) do \
+                   if redis.call('HINCRBY', key, ARGV[1], -1) <= 0 then redis.call('HDEL', key, ARGV[1]) end \
+                 end return 1",
             ),
+            count: Script::new(&format!("{LIVE_SUM} return live_sum(KEYS[1], ARGV[1])")),
             window: Script::new(
                 "local c = redis.call('INCR', KEYS[1]) \
                  if c == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end \
                  return {c, redis.call('PTTL', KEYS[1])}",
             ),
         });
+        limits.heartbeat().await?;
         tokio::spawn(keeper(Arc::downgrade(&limits), rx));
         Ok(limits)
     }
@@ -96,74 +113,52 @@ impl RedisLimits {
         format!("{}chatconns:{chat_id}", self.prefix)
     }
 
+    fn alive_prefix(&self) -> String {
+        format!("{}alive:", self.prefix)
+    }
+
     async fn conn(&self) -> Result<deadpool_redis::Connection, LimitsError> {
         self.pool.get().await.map_err(err)
     }
 
-    /// Live (unexpired) members of a lease set.
-    async fn count_live(&self, key: &str) -> Result<u32, LimitsError> {
+    /// Marks this gateway alive for another `lease_ttl`.
+    async fn heartbeat(&self) -> Result<(), LimitsError> {
         let mut c = self.conn().await?;
-        let (secs, micros): (u64, u64) =
-            redis::cmd("TIME").query_async(&mut *c).await.map_err(err)?;
-        let now = secs * 1000 + micros / 1000;
-        redis::cmd("ZCOUNT")
-            .arg(key)
-            .arg(now)
-            .arg("+inf")
-            .query_async(&mut *c)
+        redis::cmd("SET")
+            .arg(format!("{}{}", self.alive_prefix(), self.gateway))
+            .arg(1)
+            .arg("PX")
+            .arg(ms(self.lease_ttl))
+            .query_async::<()>(&mut *c)
             .await
             .map_err(err)
     }
 
-    async fn refresh_all(&self) -> Result<(), LimitsError> {
-        if self.live.is_empty() {
-            return Ok(());
-        }
+    async fn give_back(&self, (tenant, chat): (Uuid, Uuid)) -> Result<(), LimitsError> {
         let mut c = self.conn().await?;
-        let (secs, micros): (u64, u64) =
-            redis::cmd("TIME").query_async(&mut *c).await.map_err(err)?;
-        let exp = secs * 1000 + micros / 1000 + ms(self.lease_ttl);
-        let mut pipe = redis::pipe();
-        for entry in &self.live {
-            let (id, (tenant, chat)) = (entry.key(), entry.value());
-            for key in [self.tenant_key(*tenant), self.chat_key(*chat)] {
-                pipe.cmd("ZADD")
-                    .arg(&key)
-                    .arg("XX")
-                    .arg(exp)
-                    .arg(id.to_string())
-                    .ignore();
-                pipe.cmd("PEXPIRE")
-                    .arg(&key)
-                    .arg(ms(self.lease_ttl))
-                    .ignore();
-            }
-        }
-        pipe.query_async::<()>(&mut *c).await.map_err(err)
+        self.release
+            .key(self.tenant_key(tenant))
+            .key(self.chat_key(chat))
+            .arg(&self.gateway)
+            .invoke_async::<i64>(&mut *c)
+            .await
+            .map(drop)
+            .map_err(err)
     }
 
-    async fn release(&self, id: Uuid) -> Result<(), LimitsError> {
-        let Some((_, (tenant, chat))) = self.live.remove(&id) else {
-            return Ok(());
-        };
+    async fn live_count(&self, key: String) -> Result<u32, LimitsError> {
         let mut c = self.conn().await?;
-        redis::pipe()
-            .cmd("ZREM")
-            .arg(self.tenant_key(tenant))
-            .arg(id.to_string())
-            .ignore()
-            .cmd("ZREM")
-            .arg(self.chat_key(chat))
-            .arg(id.to_string())
-            .ignore()
-            .query_async::<()>(&mut *c)
+        self.count
+            .key(key)
+            .arg(self.alive_prefix())
+            .invoke_async(&mut *c)
             .await
             .map_err(err)
     }
 }
 
-/// Refreshes live leases every third of their lifetime and removes released ones at once.
-async fn keeper(limits: Weak<RedisLimits>, mut releases: mpsc::UnboundedReceiver<Uuid>) {
+/// Keeps this gateway alive every third of the lease time and gives released slots back.
+async fn keeper(limits: Weak<RedisLimits>, mut releases: mpsc::UnboundedReceiver<(Uuid, Uuid)>) {
     let period = limits
         .upgrade()
         .map_or(Duration::from_secs(5), |l| l.lease_ttl / 3);
@@ -171,15 +166,15 @@ async fn keeper(limits: Weak<RedisLimits>, mut releases: mpsc::UnboundedReceiver
     loop {
         tokio::select! {
             released = releases.recv() => {
-                let (Some(id), Some(l)) = (released, limits.upgrade()) else { return };
-                if let Err(e) = l.release(id).await {
-                    tracing::warn!(error = %e, "could not release a connection lease; it will expire");
+                let (Some(slot), Some(l)) = (released, limits.upgrade()) else { return };
+                if let Err(e) = l.give_back(slot).await {
+                    tracing::warn!(error = %e, "could not give a connection slot back");
                 }
             }
             _ = tick.tick() => {
                 let Some(l) = limits.upgrade() else { return };
-                if let Err(e) = l.refresh_all().await {
-                    tracing::warn!(error = %e, "could not refresh connection leases");
+                if let Err(e) = l.heartbeat().await {
+                    tracing::warn!(error = %e, "could not renew this gateway's connection lease");
                 }
             }
         }
@@ -194,34 +189,32 @@ impl Limits for RedisLimits {
         chat_id: Uuid,
         max: u32,
     ) -> Result<Option<ConnectionLease>, LimitsError> {
-        let id = Uuid::new_v4();
         let mut c = self.conn().await?;
         let taken: i64 = self
             .acquire
             .key(self.tenant_key(tenant_id))
             .key(self.chat_key(chat_id))
             .arg(max)
-            .arg(ms(self.lease_ttl))
-            .arg(id.to_string())
+            .arg(&self.gateway)
+            .arg(self.alive_prefix())
             .invoke_async(&mut *c)
             .await
             .map_err(err)?;
         if taken == 0 {
             return Ok(None);
         }
-        self.live.insert(id, (tenant_id, chat_id));
         Ok(Some(ConnectionLease::new(Release {
-            id,
+            slot: (tenant_id, chat_id),
             tx: self.releases.clone(),
         })))
     }
 
     async fn tenant_connections(&self, tenant_id: Uuid) -> Result<u32, LimitsError> {
-        self.count_live(&self.tenant_key(tenant_id)).await
+        self.live_count(self.tenant_key(tenant_id)).await
     }
 
     async fn chat_has_connections(&self, chat_id: Uuid) -> Result<bool, LimitsError> {
-        Ok(self.count_live(&self.chat_key(chat_id)).await? > 0)
+        Ok(self.live_count(self.chat_key(chat_id)).await? > 0)
     }
 
     async fn hit(
