@@ -206,7 +206,7 @@ impl RedisBroker {
     /// New jobs for this consumer: up to a batch, waiting briefly when there are none.
     async fn read_new(&self) -> Result<Vec<Delivery>, BrokerError> {
         let mut c = self.conn().await?;
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
             .arg(&self.cfg.consumer)
@@ -219,8 +219,16 @@ impl RedisBroker {
             .arg(self.key("jobs"))
             .arg(">")
             .query_async(&mut *c)
-            .await
-            .map_err(unavailable)?;
+            .await;
+        let reply = match reply {
+            // Redis lost its data (a restart without persistence): set the group up again.
+            Err(e) if e.code() == Some("NOGROUP") => {
+                drop(c);
+                self.create_group().await?;
+                return Ok(Vec::new());
+            }
+            other => other.map_err(unavailable)?,
+        };
         let entries = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
         entries.map(|entry| self.delivery(&entry, 1)).collect()
     }
