@@ -17,3 +17,17 @@ pub mod protocol;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+
+/// A Redis connection pool. Each pooled connection is multiplexed, but a command holds its
+/// connection until it answers; with hundreds of chats publishing at once a small pool becomes
+/// the queue, so it is sized well above deadpool's default.
+fn redis_pool(
+    url: impl Into<String>,
+) -> Result<deadpool_redis::Pool, deadpool_redis::CreatePoolError> {
+    let mut config = deadpool_redis::Config::from_url(url);
+    config.pool = Some(deadpool_redis::PoolConfig::new(REDIS_POOL_SIZE));
+    config.create_pool(Some(deadpool_redis::Runtime::Tokio1))
+}
+
+/// Connections per Redis pool.
+const REDIS_POOL_SIZE: usize = 64;

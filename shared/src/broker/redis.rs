@@ -24,7 +24,7 @@ use std::{
 use async_trait::async_trait;
 use bytestring::ByteString;
 use dashmap::DashMap;
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool_redis::Pool;
 use futures_util::StreamExt;
 use redis::{AsyncCommands, Script, streams::StreamReadReply};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -104,9 +104,7 @@ impl RedisBroker {
     /// Connects, creates the consumer group if needed and starts the subscriber task. The
     /// background tasks end once the broker is dropped.
     pub async fn connect(cfg: RedisBrokerConfig) -> Result<Arc<Self>, BrokerError> {
-        let pool = PoolConfig::from_url(cfg.url.clone())
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(unavailable)?;
+        let pool = crate::redis_pool(cfg.url.clone()).map_err(unavailable)?;
         let (control, control_rx) = mpsc::unbounded_channel();
         let (emptied, emptied_rx) = mpsc::unbounded_channel();
         tokio::spawn(forward_emptied(emptied_rx, control.downgrade()));

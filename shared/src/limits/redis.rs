@@ -17,7 +17,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool_redis::Pool;
 use redis::Script;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -73,9 +73,7 @@ impl RedisLimits {
         prefix: &str,
         lease_ttl: Duration,
     ) -> Result<Arc<Self>, LimitsError> {
-        let pool = PoolConfig::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(err)?;
+        let pool = crate::redis_pool(url).map_err(err)?;
         let (releases, rx) = mpsc::unbounded_channel();
         let limits = Arc::new(Self {
             pool,
