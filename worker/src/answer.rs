@@ -72,10 +72,17 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
         return Ok(());
     };
     let agent = tenant.settings.agent;
-    let history = ctx
-        .store
-        .history_before(job.chat_id, &job.message_id, agent.history_messages)
-        .await?;
+    let uses_history = ctx
+        .providers
+        .get(&agent.provider)
+        .is_ok_and(|p| p.uses_history());
+    let history = if uses_history && agent.history_messages > 0 {
+        ctx.store
+            .history_before(job.chat_id, &job.message_id, agent.history_messages)
+            .await?
+    } else {
+        Vec::new()
+    };
     let request = ChatRequest {
         model: agent.model.clone(),
         messages: conversation(agent.system_prompt.as_deref(), &history, &job.content),

@@ -104,6 +104,10 @@ pub fn reply_tokens(request: &ChatRequest, count: u64) -> Vec<String> {
 }
 
 impl Provider for MockProvider {
+    fn uses_history(&self) -> bool {
+        false
+    }
+
     fn stream(&self, request: ChatRequest) -> AnswerStream {
         let opts = MockOptions::from(&request.options);
         let count = request

@@ -67,6 +67,12 @@ pub type AnswerStream = BoxStream<'static, Result<StreamItem, ProviderError>>;
 pub trait Provider: Send + Sync + 'static {
     /// Starts answering; the stream is lazy and dropping it abandons the call.
     fn stream(&self, request: ChatRequest) -> AnswerStream;
+
+    /// Whether the answer depends on the chat's earlier messages. A provider that ignores them
+    /// (the `mock`) spares the store a read per answer.
+    fn uses_history(&self) -> bool {
+        true
+    }
 }
 
 /// Providers by the name tenants use in `agent.provider`.
