@@ -34,11 +34,6 @@ impl MemoryBroker {
             cancels: broadcast::channel(1024).0,
         }
     }
-
-    /// Stops delivering jobs: `next_job` returns `None` once the queue is drained.
-    pub async fn close(&self) {
-        self.jobs_rx.lock().await.close();
-    }
 }
 
 #[async_trait]
@@ -66,7 +61,11 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, chat_id: Uuid, event: &ServerEvent) -> Result<(), BrokerError> {
-        self.hub.send(chat_id, event.to_frame());
+        // Serialize only for a chat someone is watching (answers stream to nobody after a
+        // chat's last socket closes).
+        if self.hub.has_subscribers(chat_id) {
+            self.hub.send(chat_id, event.to_frame());
+        }
         Ok(())
     }
 
