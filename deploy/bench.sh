@@ -26,7 +26,7 @@ if [ "${TOPOLOGY:-embedded}" = distributed ]; then
 else
   export PARLEY_DATABASE_URL="sqlite://$dir/bench.db"
 fi
-PARLEY_BIND=127.0.0.1:$port ./target/release/gateway &
+PARLEY_BIND=127.0.0.1:$port ${GATEWAY_WRAP:-} ./target/release/gateway &
 gw=$!
 trap 'kill $gw $wk 2>/dev/null; wait $gw $wk 2>/dev/null; rm -rf "$dir"' EXIT
 publishes() { redis-cli info commandstats | awk -F'[=,:]' '/^cmdstat_publish:/ {print $3}'; }

@@ -4,11 +4,13 @@
 //! - [`routes`]: REST, admin and health handlers.
 //! - [`ws`]: the WebSocket endpoint and per-socket loop.
 //! - [`auth`], [`tenants`]: keys, the admin token, tenant operations shared with the CLI.
+//! - [`quota`]: daily token quotas.
 //! - [`error`]: the one mapping from failures to HTTP responses and WebSocket error events.
 
 pub mod auth;
 pub mod cli;
 pub mod error;
+pub mod quota;
 pub mod routes;
 pub mod startup;
 pub mod state;

@@ -28,6 +28,8 @@ pub struct AppState {
     pub tenants: TenantCache,
     /// Stop signal and task tracker for sockets and background tasks.
     pub shutdown: Shutdown,
+    /// Tenants' daily token quotas.
+    pub quotas: Arc<crate::quota::Quotas>,
     draining: Arc<AtomicBool>,
 }
 
@@ -48,6 +50,7 @@ impl AppState {
             config,
             tenants,
             shutdown,
+            quotas: Arc::default(),
             draining: Arc::new(AtomicBool::new(false)),
         }
     }

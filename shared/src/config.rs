@@ -2,6 +2,11 @@
 //! then `PARLEY_*` environment variables (nested fields with `__`, e.g.
 //! `PARLEY_LIMITS__MAX_CONTENT_BYTES=65536`).
 
+mod endpoints;
+
+use std::collections::BTreeMap;
+
+pub use endpoints::{ModelEndpoint, default_endpoints};
 use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
@@ -88,6 +93,9 @@ pub struct WorkerConfig {
     pub max_concurrent_chats: usize,
     /// Seconds a worker may take to finish its answers after a stop signal.
     pub drain_timeout_secs: u64,
+    /// Model endpoints by the name tenants give as `agent.provider`
+    /// (`PARLEY_WORKER__MODELS__<NAME>__BASE_URL=…`); `openai` is preset.
+    pub models: BTreeMap<String, ModelEndpoint>,
 }
 
 impl Default for Config {
@@ -127,6 +135,7 @@ impl Default for WorkerConfig {
         Self {
             max_concurrent_chats: 1024,
             drain_timeout_secs: 30,
+            models: default_endpoints(),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`broker`]: job queue, chat fan-out and cancel signals, with an in-process implementation.
 //! - [`limits`]: tenant connection leases and request-rate windows.
 //! - [`keys`]: API key generation and hashing.
+//! - [`mocktext`]: the deterministic words of the mock models.
 //! - [`telemetry`]: tracing set-up.
 //! - [`shutdown`]: the stop signal shared by every long-running task.
 
@@ -13,6 +14,7 @@ pub mod broker;
 pub mod config;
 pub mod keys;
 pub mod limits;
+pub mod mocktext;
 pub mod protocol;
 pub mod shutdown;
 pub mod store;

@@ -103,6 +103,17 @@ async fn chats_and_messages(s: Arc<dyn Store>) -> TestResult {
         "the chat created the user"
     );
     assert!(s.ensure_user(t.id, "v").await?);
+    assert_eq!(s.join_chat(t.id, c1.id, "w").await?, Some(true));
+    assert_eq!(s.join_chat(t.id, c1.id, "w").await?, Some(false));
+    assert_eq!(
+        s.join_chat(other.id, c1.id, "x").await?,
+        None,
+        "another tenant's chat"
+    );
+    assert!(
+        !s.user_exists(other.id, "x").await?,
+        "no user without a chat"
+    );
     assert!(
         s.get_chat(other.id, c1.id).await?.is_none(),
         "tenants are isolated"
@@ -206,6 +217,42 @@ async fn hostile_text_round_trips(s: Arc<dyn Store>) -> TestResult {
     Ok(())
 }
 
+async fn usage_adds_up_by_day(s: Arc<dyn Store>) -> TestResult {
+    use chrono::NaiveDate;
+    use shared::protocol::Usage;
+    let t = s
+        .create_tenant("t", &TenantSettings::default(), "h")
+        .await?;
+    let day = |d| NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
+    let u = |p, c| Usage {
+        prompt_tokens: p,
+        completion_tokens: c,
+        total_tokens: p + c,
+    };
+    s.add_usage(t.id, day(29), &u(1, 2)).await?;
+    s.add_usage(t.id, day(30), &u(10, 20)).await?;
+    s.add_usage(t.id, day(30), &u(5, 5)).await?;
+    let days = s.usage(t.id, day(1), day(30)).await?;
+    assert_eq!(days.len(), 2);
+    assert_eq!(days[0].date, day(29));
+    assert_eq!(
+        (
+            days[1].messages,
+            days[1].prompt_tokens,
+            days[1].completion_tokens,
+            days[1].total_tokens
+        ),
+        (2, 15, 25, 40)
+    );
+    assert_eq!(s.usage(t.id, day(30), day(30)).await?.len(), 1);
+    s.delete_tenant(t.id).await?;
+    assert!(
+        s.usage(t.id, day(1), day(30)).await?.is_empty(),
+        "usage goes with its tenant"
+    );
+    Ok(())
+}
+
 macro_rules! suite {
     ($($name:ident),*) => {
         mod on_sqlite {
@@ -227,5 +274,6 @@ macro_rules! suite {
 suite!(
     tenants_round_trip,
     chats_and_messages,
-    hostile_text_round_trips
+    hostile_text_round_trips,
+    usage_adds_up_by_day
 );

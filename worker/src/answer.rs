@@ -13,6 +13,7 @@ use futures_util::{FutureExt, StreamExt};
 use serde_json::{Map, Value, json};
 use shared::{
     broker::Delivery,
+    mocktext::count_words,
     protocol::{ErrorCode, Job, ServerEvent, Usage, message_id},
     shutdown::CancellationToken,
     store::{Message, NewAnswer, Role, StoreError},
@@ -72,20 +73,23 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
         return Ok(());
     };
     let agent = tenant.settings.agent;
-    let uses_history = ctx
-        .providers
-        .get(&agent.provider)
-        .is_ok_and(|p| p.uses_history());
+    let provider = ctx.providers.get(&agent.provider).ok();
+    let uses_history = provider.as_ref().is_some_and(|p| p.uses_history());
     let history = if uses_history && agent.history_messages > 0 {
-        ctx.store
+        let history = ctx
+            .store
             .history_before(job.chat_id, &job.message_id, agent.history_messages)
-            .await?
+            .await?;
+        within_budget(history, provider.and_then(|p| p.context_budget()))
     } else {
         Vec::new()
     };
+    let messages = conversation(agent.system_prompt.as_deref(), &history, &job.content);
+    // What the usage counts as the prompt when the provider reports none.
+    let prompt_estimate = messages.iter().map(|m| count_words(&m.content)).sum();
     let request = ChatRequest {
         model: agent.model.clone(),
-        messages: conversation(agent.system_prompt.as_deref(), &history, &job.content),
+        messages,
         temperature: agent.temperature,
         max_tokens: agent.max_tokens,
         options: agent.options.clone(),
@@ -106,7 +110,25 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
     let outcome = stream_answer(ctx, job, &agent.provider, request, &cancel, &mut outbox).await;
     ctx.active.remove(&job.chat_id);
     flush(ctx, job, &mut outbox).await;
-    finish(ctx, job, answer_id, &agent.model, outcome).await
+    finish(ctx, job, answer_id, &agent.model, prompt_estimate, outcome).await
+}
+
+/// The newest earlier messages whose text fits `budget` characters, in order.
+fn within_budget(mut history: Vec<Message>, budget: Option<usize>) -> Vec<Message> {
+    let Some(budget) = budget else {
+        return history;
+    };
+    let mut used = 0;
+    let keep = history
+        .iter()
+        .rev()
+        .take_while(|m| {
+            used += m.content.chars().count();
+            used <= budget
+        })
+        .count();
+    history.drain(..history.len() - keep);
+    history
 }
 
 /// System prompt, then history in order, then the new message.
@@ -242,11 +264,17 @@ async fn finish(
     job: &Job,
     answer_id: String,
     model: &str,
+    prompt_estimate: u32,
     out: Outcome,
 ) -> Result<(), StoreError> {
     let announce = out.error.is_none() || out.tokens > 0;
     if announce {
-        let tokens_used = out.usage.map_or(out.tokens, |u| u.completion_tokens);
+        let usage = out.usage.unwrap_or(Usage {
+            prompt_tokens: prompt_estimate,
+            completion_tokens: out.tokens,
+            total_tokens: prompt_estimate.saturating_add(out.tokens),
+        });
+        let tokens_used = usage.completion_tokens;
         let mut metadata = Map::new();
         metadata.insert("model".into(), Value::from(model));
         metadata.insert("tokens_used".into(), Value::from(tokens_used));
@@ -266,6 +294,10 @@ async fn finish(
             })
             .await?;
         if saved {
+            let day = Utc::now().date_naive();
+            if let Err(e) = ctx.store.add_usage(job.tenant_id, day, &usage).await {
+                tracing::warn!(error = %e, tenant_id = %job.tenant_id, "could not record usage");
+            }
             publish(
                 ctx,
                 job,

@@ -3,7 +3,7 @@
 //!
 //! - [`dispatch`]: one chat's messages one at a time in arrival order, different chats in parallel.
 //! - [`answer`]: answering one message (context, streaming, cancel, saving, errors).
-//! - [`provider`]: the model seam (`mock` built in).
+//! - [`provider`]: the model seam (`mock` built in, `openai` for configured endpoints).
 //!
 //! In the embedded mode the gateway runs [`Worker::run`] in its own process.
 
@@ -46,7 +46,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker with the built-in providers, reading tenants through `tenants` (and the store
+    /// A worker with the built-in providers and the configured model endpoints, reading tenants through `tenants` (and the store
     /// behind it).
     pub fn new(tenants: TenantCache, broker: Arc<dyn Broker>, config: WorkerConfig) -> Self {
         Self {
@@ -54,7 +54,7 @@ impl Worker {
                 store: tenants.store(),
                 tenants,
                 broker,
-                providers: Providers::builtin(),
+                providers: Providers::from_config(&config.models),
                 active: DashMap::new(),
                 config,
             }),

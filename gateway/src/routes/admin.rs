@@ -8,8 +8,9 @@ use actix_web::{
     middleware::{Next, from_fn},
     web,
 };
-use chrono::Utc;
+use chrono::{NaiveDate, Utc};
 use serde_json::{Value, json};
+use shared::store::DailyUsage;
 use uuid::Uuid;
 
 use crate::{auth::admin_token_matches, error::ApiError, state::AppState, tenants};
@@ -34,6 +35,7 @@ pub fn scope() -> actix_web::Scope<
                 .delete(delete),
         )
         .service(web::resource("/tenants/{id}/rotate-key").post(rotate_key))
+        .service(web::resource("/tenants/{id}/usage").get(usage))
 }
 
 async fn admin_gate(
@@ -129,4 +131,44 @@ async fn delete(
     tenants::delete(state.store.as_ref(), tenant_id(&id)?).await?;
     state.tenants.invalidate();
     Ok(HttpResponse::Ok().json(json!({ "success": true, "deleted_at": Utc::now() })))
+}
+
+/// `GET /admin/v1/tenants/{id}/usage?from=YYYY-MM-DD&to=YYYY-MM-DD`: daily totals (UTC days;
+/// by default the last 30 days up to today), oldest first, with their sum and today's quota.
+async fn usage(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    req: actix_web::HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = tenants::get(state.store.as_ref(), tenant_id(&id)?).await?;
+    let query = crate::routes::query_map(&req);
+    let date = |name: &'static str| -> Result<Option<NaiveDate>, ApiError> {
+        query
+            .get(name)
+            .map(|v| {
+                NaiveDate::parse_from_str(v, "%Y-%m-%d")
+                    .map_err(|_| ApiError::Invalid(format!("{name} must be a date as YYYY-MM-DD")))
+            })
+            .transpose()
+    };
+    let to = date("to")?.unwrap_or_else(|| Utc::now().date_naive());
+    let from = date("from")?.unwrap_or(to - chrono::Days::new(29));
+    if from > to {
+        return Err(ApiError::Invalid("from must not be after to".into()));
+    }
+    let days = state.store.usage(tenant.id, from, to).await?;
+    let sum = |f: fn(&DailyUsage) -> u64| days.iter().map(f).sum::<u64>();
+    Ok(HttpResponse::Ok().json(json!({
+        "tenant_id": tenant.id,
+        "from": from,
+        "to": to,
+        "days": days,
+        "total": {
+            "messages": sum(|d| d.messages),
+            "prompt_tokens": sum(|d| d.prompt_tokens),
+            "completion_tokens": sum(|d| d.completion_tokens),
+            "total_tokens": sum(|d| d.total_tokens),
+        },
+        "daily_token_quota": tenant.settings.daily_token_quota,
+    })))
 }

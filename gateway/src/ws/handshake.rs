@@ -78,18 +78,26 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
     })?;
     let not_found = || ApiError::ChatNotFound(raw_chat.clone());
     let chat_id = Uuid::parse_str(&raw_chat).map_err(|_| not_found())?;
-    state
-        .store
-        .get_chat(tenant.id, chat_id)
-        .await?
-        .ok_or_else(not_found)?;
+    // The slot is taken first so that the chat check and the user's creation share one store
+    // round trip; a refused socket still reports a missing chat before the limit.
     let max = tenant.settings.max_connections;
-    let lease = state
+    let Some(lease) = state
         .limits
         .acquire_connection(tenant.id, chat_id, max)
         .await?
-        .ok_or(ApiError::ConnectionLimit(max))?;
-    let user_created = state.store.ensure_user(tenant.id, &user_id).await?;
+    else {
+        state
+            .store
+            .get_chat(tenant.id, chat_id)
+            .await?
+            .ok_or_else(not_found)?;
+        return Err(ApiError::ConnectionLimit(max));
+    };
+    let user_created = state
+        .store
+        .join_chat(tenant.id, chat_id, &user_id)
+        .await?
+        .ok_or_else(not_found)?;
     Ok(Accepted {
         tenant_id: tenant.id,
         messages_per_second: tenant.settings.messages_per_second,

@@ -280,6 +280,9 @@ impl Connection {
                 ))
                 .await;
         }
+        if let Some(refusal) = self.quota_refusal().await {
+            return self.send(refusal).await;
+        }
         let (chat_id, user_id) = (self.accepted.chat_id, self.accepted.user_id.clone());
         let saved = match self
             .state
@@ -310,6 +313,26 @@ impl Connection {
         match self.state.broker.announce_and_enqueue(&received, job).await {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => self.send(ApiError::from(e).to_event()).await,
+        }
+    }
+
+    /// The error to answer instead of taking a message, when the tenant's daily token quota
+    /// is spent (or cannot be checked).
+    async fn quota_refusal(&self) -> Option<ServerEvent> {
+        let tenant_id = self.accepted.tenant_id;
+        let tenant = match self.state.tenants.by_id(tenant_id).await {
+            Ok(t) => t?,
+            Err(e) => return Some(ApiError::from(e).to_event()),
+        };
+        let quota = tenant.settings.daily_token_quota?;
+        let store = self.state.store.as_ref();
+        match self.state.quotas.exhausted(store, tenant_id, quota).await {
+            Ok(false) => None,
+            Ok(true) => Some(ServerEvent::error(
+                ErrorCode::QuotaExceeded,
+                format!("The daily quota of {quota} tokens is spent; it renews at midnight UTC"),
+            )),
+            Err(e) => Some(ApiError::from(e).to_event()),
         }
     }
 }

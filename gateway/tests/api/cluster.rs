@@ -10,7 +10,10 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::{
+    helpers::*,
+    servers::{OwnPostgres, OwnRedis},
+};
 
 /// A gateway or worker binary of this workspace as a child process, on the test's database and
 /// Redis prefix.
@@ -216,63 +219,6 @@ async fn a_worker_killed_mid_answer_leaves_exactly_one_complete_answer() -> Test
     Ok(())
 }
 
-/// A Redis server of the test's own, on a free port, that the test can stop and start.
-struct OwnRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = OwnRedis { port, child: None };
-        redis.restart();
-        redis
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not come up");
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 async fn ready(app: &TestApp) -> u16 {
     match app.http.get(app.url("/readyz")).send().await {
         Ok(r) => r.status().as_u16(),
@@ -317,9 +263,17 @@ async fn gateway_and_worker_ride_out_a_redis_restart() -> TestResult {
     redis.restart();
     wait_ready(&app, 200).await;
     // Sockets, fan-out, jobs and leases all work again on the fresh Redis.
-    let mut answered = false;
+    assert!(
+        answered_after_restart(&app, &chat).await,
+        "a message is answered after the restart"
+    );
+    Ok(())
+}
+
+/// Sends one message on a fresh socket, retrying while the gateway settles; true once answered.
+async fn answered_after_restart(app: &TestApp, chat: &str) -> bool {
     for _ in 0..50 {
-        let mut ws = app.ws(&app.api_key, "u1", &chat).await;
+        let mut ws = app.ws(&app.api_key, "u1", chat).await;
         if ws.next().await["event_type"] != "connection_established" {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -327,9 +281,46 @@ async fn gateway_and_worker_ride_out_a_redis_restart() -> TestResult {
         ws.send_json(json!({"content": "are you back?"})).await;
         let events = ws.until("message_stream_ended").await;
         assert_eq!(events[0]["event_type"], "message_received");
-        answered = true;
-        break;
+        return true;
     }
-    assert!(answered, "a message is answered after the restart");
+    false
+}
+
+#[tokio::test]
+async fn gateway_and_worker_ride_out_a_postgres_restart() -> TestResult {
+    let mut pg = OwnPostgres::start();
+    let url = pg.url();
+    let port = pg.port;
+    let app = start(&url, |c| {
+        use_redis(c);
+        c.redis_prefix = format!("test:ownpg{port}:");
+    })
+    .await;
+    let chat = app.chat("u1").await;
+    wait_ready(&app, 200).await;
+
+    pg.stop();
+    wait_ready(&app, 503).await;
+    let v: Value = app
+        .http
+        .get(app.url("/readyz"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(v["checks"]["store"], false);
+    assert_eq!(v["checks"]["broker"], true);
+    // A REST call meanwhile gets a clear error, not a hang.
+    let r = app
+        .get(&app.api_key, &format!("/api/v1/chats/{chat}"))
+        .await;
+    assert_eq!(r.status(), 503);
+
+    pg.restart();
+    wait_ready(&app, 200).await;
+    assert!(
+        answered_after_restart(&app, &chat).await,
+        "a message is answered after the restart"
+    );
     Ok(())
 }

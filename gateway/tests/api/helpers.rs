@@ -29,7 +29,7 @@ pub struct TestApp {
     pub api_key: String,
     pub tenant_id: String,
     pub db_url: String,
-    stopper: Stopper,
+    stopper: Option<Stopper>,
     worker: Option<Shutdown>,
     _db: Option<TestDb>,
 }
@@ -211,7 +211,7 @@ pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         api_key: String::new(),
         tenant_id: String::new(),
         db_url: db_url.to_owned(),
-        stopper,
+        stopper: Some(stopper),
         worker,
         _db: None,
     };
@@ -224,6 +224,20 @@ pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
 }
 
 impl TestApp {
+    /// A client of a gateway running as another process on `port`.
+    pub fn attach(port: u16) -> TestApp {
+        TestApp {
+            port,
+            http: reqwest::Client::new(),
+            api_key: String::new(),
+            tenant_id: String::new(),
+            db_url: String::new(),
+            stopper: None,
+            worker: None,
+            _db: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -236,7 +250,9 @@ impl TestApp {
     }
 
     pub async fn stop(&self) {
-        self.stopper.stop().await;
+        if let Some(s) = &self.stopper {
+            s.stop().await;
+        }
         if let Some(w) = &self.worker {
             w.stop().await;
         }

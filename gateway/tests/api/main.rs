@@ -5,6 +5,8 @@ mod admin;
 mod clients;
 mod cluster;
 mod helpers;
+mod models;
 mod rest;
+mod servers;
 mod ws_errors;
 mod ws_flow;

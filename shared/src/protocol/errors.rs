@@ -32,6 +32,8 @@ pub enum ErrorCode {
     SlowConsumer,
     /// The store or the broker is unavailable.
     ServiceUnavailable,
+    /// The tenant's daily token quota is spent.
+    QuotaExceeded,
     /// Anything unexpected; details are logged, never sent.
     InternalError,
 }
@@ -53,6 +55,7 @@ impl ErrorCode {
             Self::Unauthorized => "UNAUTHORIZED",
             Self::SlowConsumer => "SLOW_CONSUMER",
             Self::ServiceUnavailable => "SERVICE_UNAVAILABLE",
+            Self::QuotaExceeded => "QUOTA_EXCEEDED",
             Self::InternalError => "INTERNAL_ERROR",
         }
     }
@@ -78,6 +81,9 @@ impl ErrorCode {
             Self::ChatInUse => "Close every WebSocket open on the chat, then retry",
             Self::Unauthorized => "Send Authorization: Bearer <admin token>",
             Self::SlowConsumer => "Read events faster, then reconnect",
+            Self::QuotaExceeded => {
+                "Wait until the quota renews at midnight UTC, or ask the operator to raise daily_token_quota"
+            }
             Self::ServiceUnavailable => "Retry shortly",
             Self::InternalError => "Retry; if it persists, contact the operator",
         }

@@ -14,11 +14,25 @@ mod sqlite_writer;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::NaiveDate;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 pub use cache::TenantCache;
-pub use model::{AgentSettings, Chat, Message, Page, Role, Tenant, TenantSettings};
+pub use model::{AgentSettings, Chat, DailyUsage, Message, Page, Role, Tenant, TenantSettings};
+
+use crate::protocol::Usage;
+
+/// Adds to a day's usage (both stores: SQLite takes `$n` parameters too).
+const ADD_USAGE: &str = "INSERT INTO tenant_usage \
+     (tenant_id, day, messages, prompt_tokens, completion_tokens) VALUES ($1, $2, 1, $3, $4) \
+     ON CONFLICT (tenant_id, day) DO UPDATE SET messages = tenant_usage.messages + 1, \
+     prompt_tokens = tenant_usage.prompt_tokens + excluded.prompt_tokens, \
+     completion_tokens = tenant_usage.completion_tokens + excluded.completion_tokens";
+
+/// A tenant's days between two dates.
+const SELECT_USAGE: &str = "SELECT day, messages, prompt_tokens, completion_tokens \
+     FROM tenant_usage WHERE tenant_id = $1 AND day >= $2 AND day <= $3 ORDER BY day";
 
 /// Store failures. Callers map them to `SERVICE_UNAVAILABLE` or `INTERNAL_ERROR`.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +104,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates the user if new; true when this call created it.
     async fn ensure_user(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool>;
+    /// A socket joins a chat: `None` when the tenant has no such chat, else creates the user if
+    /// new and tells whether this call created it. A store may do both in one round trip, which
+    /// keeps connect storms light on the database.
+    async fn join_chat(
+        &self,
+        tenant_id: Uuid,
+        chat_id: Uuid,
+        user_id: &str,
+    ) -> StoreResult<Option<bool>> {
+        if self.get_chat(tenant_id, chat_id).await?.is_none() {
+            return Ok(None);
+        }
+        self.ensure_user(tenant_id, user_id).await.map(Some)
+    }
+    /// Adds one saved answer's tokens to its tenant's total of `day`.
+    async fn add_usage(&self, tenant_id: Uuid, day: NaiveDate, usage: &Usage) -> StoreResult<()>;
+    /// A tenant's daily totals from `from` to `to` (inclusive), oldest first; days without
+    /// answers are absent.
+    async fn usage(
+        &self,
+        tenant_id: Uuid,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<DailyUsage>>;
+
     /// Whether the user exists.
     async fn user_exists(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool>;
 

@@ -1,6 +1,6 @@
 //! The records the store keeps, in the shapes the API returns.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -17,6 +17,9 @@ pub struct TenantSettings {
     pub requests_per_minute: u32,
     /// The model that answers this tenant's chats.
     pub agent: AgentSettings,
+    /// Model tokens (prompt and answer) the tenant may use per UTC day; none: no quota.
+    /// Once spent, messages are refused with `QUOTA_EXCEEDED` until midnight UTC.
+    pub daily_token_quota: Option<u64>,
 }
 
 impl Default for TenantSettings {
@@ -26,6 +29,7 @@ impl Default for TenantSettings {
             messages_per_second: 10,
             requests_per_minute: 100,
             agent: AgentSettings::default(),
+            daily_token_quota: None,
         }
     }
 }
@@ -153,4 +157,33 @@ pub struct Page {
     pub limit: i64,
     /// Newest first when true.
     pub descending: bool,
+}
+
+/// A tenant's model usage on one UTC day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DailyUsage {
+    /// The day.
+    pub date: NaiveDate,
+    /// Answers saved.
+    pub messages: u64,
+    /// Tokens sent to the model.
+    pub prompt_tokens: u64,
+    /// Tokens of the answers.
+    pub completion_tokens: u64,
+    /// Their sum.
+    pub total_tokens: u64,
+}
+
+impl DailyUsage {
+    /// A row of the `tenant_usage` table.
+    pub fn from_row(date: NaiveDate, messages: i64, prompt: i64, completion: i64) -> Self {
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Self {
+            date,
+            messages: n(messages),
+            prompt_tokens: n(prompt),
+            completion_tokens: n(completion),
+            total_tokens: n(prompt).saturating_add(n(completion)),
+        }
+    }
 }

@@ -7,14 +7,16 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value};
 use sqlx::{PgPool, postgres::PgPoolOptions, types::Json};
 use uuid::Uuid;
 
 use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, TenantRow, messages};
-use super::{Chat, Message, NewAnswer, Page, Role, Store, StoreResult, Tenant, TenantSettings};
-use crate::protocol::Job;
+use super::{
+    Chat, DailyUsage, Message, NewAnswer, Page, Role, Store, StoreResult, Tenant, TenantSettings,
+};
+use crate::protocol::{Job, Usage};
 
 /// Inserts a message and bumps its chat's counters; affects one row, or none when `reply_to`
 /// already has an answer.
@@ -171,6 +173,56 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn join_chat(
+        &self,
+        tenant_id: Uuid,
+        chat_id: Uuid,
+        user_id: &str,
+    ) -> StoreResult<Option<bool>> {
+        let (chat, created): (bool, bool) = sqlx::query_as(
+            "WITH c AS (SELECT 1 FROM chats WHERE id = $1 AND tenant_id = $2), \
+             u AS (INSERT INTO users (tenant_id, user_id, created_at) SELECT $2, $3, $4 FROM c \
+                   ON CONFLICT DO NOTHING RETURNING 1) \
+             SELECT EXISTS (SELECT 1 FROM c), EXISTS (SELECT 1 FROM u)",
+        )
+        .bind(chat_id)
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(Utc::now())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(chat.then_some(created))
+    }
+
+    async fn add_usage(&self, tenant_id: Uuid, day: NaiveDate, usage: &Usage) -> StoreResult<()> {
+        sqlx::query(super::ADD_USAGE)
+            .bind(tenant_id)
+            .bind(day)
+            .bind(i64::from(usage.prompt_tokens))
+            .bind(i64::from(usage.completion_tokens))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        tenant_id: Uuid,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<DailyUsage>> {
+        let rows: Vec<(NaiveDate, i64, i64, i64)> = sqlx::query_as(super::SELECT_USAGE)
+            .bind(tenant_id)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(d, m, p, c)| DailyUsage::from_row(d, m, p, c))
+            .collect())
     }
 
     async fn user_exists(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool> {

@@ -6,7 +6,7 @@
 use std::{str::FromStr, time::Duration};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value};
 use sqlx::{
     SqlitePool,
@@ -17,8 +17,10 @@ use uuid::Uuid;
 
 use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, TenantRow, messages};
 use super::sqlite_writer::{NewRow, Writer};
-use super::{Chat, Message, NewAnswer, Page, Role, Store, StoreResult, Tenant, TenantSettings};
-use crate::protocol::Job;
+use super::{
+    Chat, DailyUsage, Message, NewAnswer, Page, Role, Store, StoreResult, Tenant, TenantSettings,
+};
+use crate::protocol::{Job, Usage};
 
 /// SQLite-backed [`Store`].
 ///
@@ -177,6 +179,35 @@ impl Store for SqliteStore {
         .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn add_usage(&self, tenant_id: Uuid, day: NaiveDate, usage: &Usage) -> StoreResult<()> {
+        sqlx::query(super::ADD_USAGE)
+            .bind(tenant_id)
+            .bind(day)
+            .bind(i64::from(usage.prompt_tokens))
+            .bind(i64::from(usage.completion_tokens))
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        tenant_id: Uuid,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<DailyUsage>> {
+        let rows: Vec<(NaiveDate, i64, i64, i64)> = sqlx::query_as(super::SELECT_USAGE)
+            .bind(tenant_id)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(d, m, p, c)| DailyUsage::from_row(d, m, p, c))
+            .collect())
     }
 
     async fn user_exists(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool> {

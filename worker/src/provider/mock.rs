@@ -8,46 +8,9 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
 use serde_json::{Map, Value};
-use shared::protocol::Usage;
+use shared::{mocktext::reply_tokens, protocol::Usage};
 
 use super::{AnswerStream, ChatRequest, Provider, ProviderError, StreamItem};
-
-const WORDS: &[&str] = &[
-    "I'd",
-    "be",
-    "happy",
-    "to",
-    "help",
-    "you",
-    "with",
-    "your",
-    "account",
-    "question",
-    "today",
-    "let",
-    "me",
-    "check",
-    "that",
-    "for",
-    "now",
-    "thanks",
-    "waiting",
-    "here",
-    "is",
-    "what",
-    "found",
-    "it",
-    "looks",
-    "like",
-    "everything",
-    "works",
-    "as",
-    "expected",
-    "please",
-    "try",
-    "again",
-    "later",
-];
 
 /// The `mock` provider.
 pub struct MockProvider;
@@ -73,36 +36,6 @@ impl MockOptions {
     }
 }
 
-/// FNV-1a: a tiny stable hash, so the same request gives the same reply on every platform.
-fn fnv1a(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in parts.iter().flat_map(|p| p.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// The reply tokens for a request (the first without, the others with, a leading space).
-pub fn reply_tokens(request: &ChatRequest, count: u64) -> Vec<String> {
-    let last = request.messages.last().map_or("", |m| m.content.as_str());
-    let mut seed = fnv1a(&[&request.model, last]);
-    (0..count)
-        .map(|i| {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            let idx = usize::try_from((seed >> 33) % WORDS.len() as u64).unwrap_or(0);
-            let word = if i == 0 { WORDS[0] } else { WORDS[idx] };
-            if i == 0 {
-                word.to_owned()
-            } else {
-                format!(" {word}")
-            }
-        })
-        .collect()
-}
-
 impl Provider for MockProvider {
     fn uses_history(&self) -> bool {
         false
@@ -114,7 +47,8 @@ impl Provider for MockProvider {
             .max_tokens
             .map_or(opts.reply_tokens, |m| opts.reply_tokens.min(u64::from(m)));
         let emitted = opts.fail_after_tokens.map_or(count, |n| n.min(count));
-        let tokens = reply_tokens(&request, emitted);
+        let last = request.messages.last().map_or("", |m| m.content.as_str());
+        let tokens = reply_tokens(&request.model, last, emitted);
         let prompt_tokens: usize = request
             .messages
             .iter()

@@ -1,15 +1,23 @@
 //! Model providers: one trait with a streaming call, one implementation per kind of model.
 //!
+//! - [`mock`]: the built-in deterministic model.
+//! - [`openai`]: OpenAI-compatible endpoints, over [`sse`].
+//!
 //! A provider turns a [`ChatRequest`] into a stream of [`StreamItem`]s: text deltas, then one
 //! `Done` with the finish reason and usage. A stream that ends without `Done` is a failure.
 
 pub mod mock;
+pub mod openai;
+pub mod sse;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use futures_util::stream::BoxStream;
 use serde_json::{Map, Value};
-use shared::protocol::Usage;
+use shared::{config::ModelEndpoint, protocol::Usage};
 
 /// One message of the conversation sent to the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +66,9 @@ pub enum ProviderError {
     /// The model failed (including the mock's `fail_after_tokens` drill).
     #[error("model failed: {0}")]
     Failed(String),
+    /// The model took longer than its time limit.
+    #[error("model timed out: {0}")]
+    Timeout(&'static str),
 }
 
 /// The answer stream of one call.
@@ -73,6 +84,12 @@ pub trait Provider: Send + Sync + 'static {
     fn uses_history(&self) -> bool {
         true
     }
+
+    /// Characters of earlier messages the provider accepts as context; `None`: no bound
+    /// beyond the tenant's message count.
+    fn context_budget(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Providers by the name tenants use in `agent.provider`.
@@ -85,6 +102,21 @@ impl Providers {
         let mut map: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         map.insert("mock".into(), Arc::new(mock::MockProvider));
         Self(map)
+    }
+
+    /// The built-in set plus one `openai` provider per configured endpoint (an endpoint whose
+    /// client cannot be built is logged and left out).
+    pub fn from_config(models: &BTreeMap<String, ModelEndpoint>) -> Self {
+        let mut providers = Self::builtin();
+        for (name, endpoint) in models {
+            match openai::OpenAiProvider::new(name, endpoint.clone()) {
+                Ok(p) => {
+                    providers.0.insert(name.clone(), Arc::new(p));
+                }
+                Err(e) => tracing::error!(endpoint = %name, error = %e, "model endpoint left out"),
+            }
+        }
+        providers
     }
 
     /// The provider named `name`.
