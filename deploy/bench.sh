@@ -5,6 +5,8 @@
 #   deploy/bench.sh idle [N] [K] # gateway memory per idle socket at N sockets over K chats (10000, 100)
 # TOPOLOGY=distributed runs one gateway and one worker process on the local Redis and
 # PostgreSQL instead of the embedded gateway, and also reports Redis PUBLISH calls per token.
+# GATEWAY_BIN / WORKER_BIN run other builds (say, the previous commit's) for a same-day comparison;
+# GATEWAY_WRAP prefixes the gateway's command (e.g. "heaptrack -o /tmp/gw").
 # Reports land in reports/. The gateway and the load generator share this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,13 +22,13 @@ if [ "${TOPOLOGY:-embedded}" = distributed ]; then
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS parley_bench WITH (FORCE)" -c "CREATE DATABASE parley_bench"
   export PARLEY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/parley_bench
   export PARLEY_REDIS_URL=redis://127.0.0.1:6379 PARLEY_REDIS_PREFIX="bench$$:"
-  ./target/release/gateway migrate >/dev/null
-  ./target/release/worker &
+  ${GATEWAY_BIN:-./target/release/gateway} migrate >/dev/null
+  ${WORKER_BIN:-./target/release/worker} &
   wk=$!
 else
   export PARLEY_DATABASE_URL="sqlite://$dir/bench.db"
 fi
-PARLEY_BIND=127.0.0.1:$port ${GATEWAY_WRAP:-} ./target/release/gateway &
+PARLEY_BIND=127.0.0.1:$port ${GATEWAY_WRAP:-} ${GATEWAY_BIN:-./target/release/gateway} &
 gw=$!
 trap 'kill $gw $wk 2>/dev/null; wait $gw $wk 2>/dev/null; rm -rf "$dir"' EXIT
 publishes() { redis-cli info commandstats | awk -F'[=,:]' '/^cmdstat_publish:/ {print $3}'; }

@@ -219,19 +219,15 @@ async fn hostile_text_round_trips(s: Arc<dyn Store>) -> TestResult {
 
 async fn usage_adds_up_by_day(s: Arc<dyn Store>) -> TestResult {
     use chrono::NaiveDate;
-    use shared::protocol::Usage;
+    use shared::store::DailyUsage;
     let t = s
         .create_tenant("t", &TenantSettings::default(), "h")
         .await?;
     let day = |d| NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
-    let u = |p, c| Usage {
-        prompt_tokens: p,
-        completion_tokens: c,
-        total_tokens: p + c,
-    };
-    s.add_usage(t.id, day(29), &u(1, 2)).await?;
-    s.add_usage(t.id, day(30), &u(10, 20)).await?;
-    s.add_usage(t.id, day(30), &u(5, 5)).await?;
+    let u = |d, p, c| DailyUsage::from_row(day(d), 1, p, c);
+    s.add_usage(t.id, &u(29, 1, 2)).await?;
+    s.add_usage(t.id, &u(30, 10, 20)).await?;
+    s.add_usage(t.id, &u(30, 5, 5)).await?;
     let days = s.usage(t.id, day(1), day(30)).await?;
     assert_eq!(days.len(), 2);
     assert_eq!(days[0].date, day(29));

@@ -12,9 +12,7 @@ use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use mockllm::{MockLlm, Settings};
 use shared::{config::ModelEndpoint, protocol::ServerEvent};
-use worker::provider::{
-    ChatMessage, ChatRequest, Provider, StreamItem, openai::OpenAiProvider,
-};
+use worker::provider::{ChatMessage, ChatRequest, Provider, StreamItem, openai::OpenAiProvider};
 
 fn arg(n: usize, default: u64) -> u64 {
     std::env::args()

@@ -80,15 +80,18 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
             .store
             .history_before(job.chat_id, &job.message_id, agent.history_messages)
             .await?;
-        within_budget(history, provider.and_then(|p| p.context_budget()))
+        within_budget(history, provider.as_ref().and_then(|p| p.context_budget()))
     } else {
         Vec::new()
     };
     let messages = conversation(agent.system_prompt.as_deref(), &history, &job.content);
     // What the usage counts as the prompt when the provider reports none.
     let prompt_estimate = messages.iter().map(|m| count_words(&m.content)).sum();
+    let model = provider
+        .as_ref()
+        .map_or_else(|| agent.model.clone(), |p| p.model_for(&agent.model));
     let request = ChatRequest {
-        model: agent.model.clone(),
+        model: model.clone(),
         messages,
         temperature: agent.temperature,
         max_tokens: agent.max_tokens,
@@ -110,7 +113,7 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
     let outcome = stream_answer(ctx, job, &agent.provider, request, &cancel, &mut outbox).await;
     ctx.active.remove(&job.chat_id);
     flush(ctx, job, &mut outbox).await;
-    finish(ctx, job, answer_id, &agent.model, prompt_estimate, outcome).await
+    finish(ctx, job, answer_id, &model, prompt_estimate, outcome).await
 }
 
 /// The newest earlier messages whose text fits `budget` characters, in order.
@@ -294,10 +297,7 @@ async fn finish(
             })
             .await?;
         if saved {
-            let day = Utc::now().date_naive();
-            if let Err(e) = ctx.store.add_usage(job.tenant_id, day, &usage).await {
-                tracing::warn!(error = %e, tenant_id = %job.tenant_id, "could not record usage");
-            }
+            ctx.usage.add(job.tenant_id, &usage);
             publish(
                 ctx,
                 job,
@@ -329,5 +329,38 @@ async fn finish(
 async fn publish(ctx: &Context, job: &Job, event: ServerEvent) {
     if let Err(e) = ctx.broker.publish(job.chat_id, &event).await {
         tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish an event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(content: &str) -> Message {
+        Message {
+            id: message_id(),
+            chat_id: uuid::Uuid::new_v4(),
+            role: Role::User,
+            user_id: "u".into(),
+            content: content.into(),
+            metadata: Map::new(),
+            reply_to: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn the_context_keeps_the_newest_messages_that_fit_the_budget() {
+        let history = vec![message("aaaa"), message("bbb"), message("cc"), message("d")];
+        let texts = |h: Vec<Message>| h.into_iter().map(|m| m.content).collect::<Vec<_>>();
+        assert_eq!(
+            texts(within_budget(history.clone(), Some(6))),
+            ["bbb", "cc", "d"]
+        );
+        assert_eq!(
+            texts(within_budget(history.clone(), Some(0))),
+            Vec::<String>::new()
+        );
+        assert_eq!(texts(within_budget(history.clone(), None)).len(), 4);
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`dispatch`]: one chat's messages one at a time in arrival order, different chats in parallel.
 //! - [`answer`]: answering one message (context, streaming, cancel, saving, errors).
+//! - [`usage`]: per-tenant daily usage, written once a second.
 //! - [`provider`]: the model seam (`mock` built in, `openai` for configured endpoints).
 //!
 //! In the embedded mode the gateway runs [`Worker::run`] in its own process.
@@ -10,6 +11,7 @@
 pub mod answer;
 pub mod dispatch;
 pub mod provider;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -36,6 +38,8 @@ pub struct Context {
     pub providers: Providers,
     /// Cancel handles of the answers in progress, by chat.
     pub active: DashMap<Uuid, CancellationToken>,
+    /// Usage not yet written to the store.
+    pub usage: Arc<usage::UsageMeter>,
     /// Worker settings.
     pub config: WorkerConfig,
 }
@@ -56,6 +60,7 @@ impl Worker {
                 broker,
                 providers: Providers::from_config(&config.models),
                 active: DashMap::new(),
+                usage: Arc::default(),
                 config,
             }),
         }
@@ -65,6 +70,7 @@ impl Worker {
     pub async fn run(self, shutdown: shared::shutdown::Shutdown) {
         let cancels = answer::listen_for_cancels(self.ctx.clone());
         shutdown.spawn(cancels);
+        usage::start_flushing(self.ctx.usage.clone(), self.ctx.store.clone(), &shutdown);
         dispatch::run(self.ctx, shutdown).await;
     }
 }

@@ -114,11 +114,22 @@ async fn an_answer_streams_token_by_token_with_context_in_order() -> TestResult 
     let saved = messages(&app, &key, &chat).await;
     assert_eq!(saved[1]["metadata"]["model"], "gpt-test");
     assert_eq!(saved[1]["metadata"]["tokens_used"], 24);
-    let usage = tenant_usage(&app, &key).await;
-    assert_eq!(usage["total"]["messages"], 2);
+    let usage = usage_when(&app, &key, |u| u["total"]["messages"] == 2).await;
     assert_eq!(usage["total"]["completion_tokens"], 48);
     assert!(usage["total"]["prompt_tokens"].as_u64().unwrap() > 0);
     Ok(())
+}
+
+/// The usage report once `ready` holds (workers write usage once a second).
+async fn usage_when(app: &TestApp, key: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..50 {
+        let usage = tenant_usage(app, key).await;
+        if ready(&usage) {
+            return usage;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("usage never reached the expected totals");
 }
 
 /// The usage report of the tenant owning `key` (found through the admin list).
@@ -238,7 +249,10 @@ async fn cancel_closes_the_upstream_connection_and_saves_the_partial_answer() ->
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let closed = closed.expect("the upstream request was abandoned");
-    println!("cancel sent → upstream closed: {:?}", closed.saturating_sub(sent_at));
+    println!(
+        "cancel sent → upstream closed: {:?}",
+        closed.saturating_sub(sent_at)
+    );
     // Generous for a shared machine; the README reports the measured figure.
     assert!(closed.saturating_sub(sent_at) < Duration::from_secs(1));
     let saved = messages(&app, &key, &chat).await;
@@ -262,6 +276,11 @@ async fn a_spent_daily_quota_refuses_messages_without_saving_them() -> TestResul
         .send()
         .await?;
     ask(&app, &key, &chat, "hello").await; // 24 tokens and more: the quota is spent
+    usage_when(&app, &key, |u| {
+        u["total"]["total_tokens"].as_u64() >= Some(10)
+    })
+    .await;
+    // Past the gateway's one-second reading of the tenant's usage.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut ws = app.ws(&key, "u1", &chat).await;
     ws.until("connection_established").await;
@@ -390,5 +409,50 @@ async fn server_errors_past_the_retries_end_in_ai_error_and_keep_the_question() 
     assert_eq!(saved.len(), 1, "the question stays, no answer");
     let again = ask(&app, &key, &chat, "hello?").await;
     assert_eq!(again.last().unwrap()["finish_reason"], "stop");
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_first_token_in_time_ends_in_ai_error_without_retrying() -> TestResult {
+    let mock = MockLlm::start(
+        "127.0.0.1:0",
+        Settings {
+            first_token_delay: Duration::from_secs(3),
+            ..Settings::default()
+        },
+    )?;
+    let base_url = mock.base_url();
+    let app = spawn_with(|c| {
+        c.worker.models.insert(
+            "llm".into(),
+            ModelEndpoint {
+                base_url,
+                first_token_timeout_ms: 300,
+                ..ModelEndpoint::default()
+            },
+        );
+    })
+    .await;
+    let (key, chat) = llm_tenant(&app, json!({})).await;
+    let events = ask(&app, &key, &chat, "hello").await;
+    let last = events.last().unwrap();
+    assert_eq!(last["error_code"], "AI_ERROR");
+    assert!(
+        last["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("first token")
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["event_type"] != "message_stream_token")
+    );
+    assert_eq!(mock.stats().requests, 1);
+    assert_eq!(
+        messages(&app, &key, &chat).await.len(),
+        1,
+        "the question stays"
+    );
     Ok(())
 }

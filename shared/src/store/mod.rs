@@ -21,12 +21,10 @@ use uuid::Uuid;
 pub use cache::TenantCache;
 pub use model::{AgentSettings, Chat, DailyUsage, Message, Page, Role, Tenant, TenantSettings};
 
-use crate::protocol::Usage;
-
 /// Adds to a day's usage (both stores: SQLite takes `$n` parameters too).
 const ADD_USAGE: &str = "INSERT INTO tenant_usage \
-     (tenant_id, day, messages, prompt_tokens, completion_tokens) VALUES ($1, $2, 1, $3, $4) \
-     ON CONFLICT (tenant_id, day) DO UPDATE SET messages = tenant_usage.messages + 1, \
+     (tenant_id, day, messages, prompt_tokens, completion_tokens) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (tenant_id, day) DO UPDATE SET messages = tenant_usage.messages + excluded.messages, \
      prompt_tokens = tenant_usage.prompt_tokens + excluded.prompt_tokens, \
      completion_tokens = tenant_usage.completion_tokens + excluded.completion_tokens";
 
@@ -118,8 +116,8 @@ pub trait Store: Send + Sync + 'static {
         }
         self.ensure_user(tenant_id, user_id).await.map(Some)
     }
-    /// Adds one saved answer's tokens to its tenant's total of `day`.
-    async fn add_usage(&self, tenant_id: Uuid, day: NaiveDate, usage: &Usage) -> StoreResult<()>;
+    /// Adds `delta` (answers and tokens) to its tenant's total of `delta.date`.
+    async fn add_usage(&self, tenant_id: Uuid, delta: &DailyUsage) -> StoreResult<()>;
     /// A tenant's daily totals from `from` to `to` (inclusive), oldest first; days without
     /// answers are absent.
     async fn usage(

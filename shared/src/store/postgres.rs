@@ -16,7 +16,7 @@ use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, Ten
 use super::{
     Chat, DailyUsage, Message, NewAnswer, Page, Role, Store, StoreResult, Tenant, TenantSettings,
 };
-use crate::protocol::{Job, Usage};
+use crate::protocol::Job;
 
 /// Inserts a message and bumps its chat's counters; affects one row, or none when `reply_to`
 /// already has an answer.
@@ -196,12 +196,14 @@ impl Store for PgStore {
         Ok(chat.then_some(created))
     }
 
-    async fn add_usage(&self, tenant_id: Uuid, day: NaiveDate, usage: &Usage) -> StoreResult<()> {
+    async fn add_usage(&self, tenant_id: Uuid, delta: &DailyUsage) -> StoreResult<()> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         sqlx::query(super::ADD_USAGE)
             .bind(tenant_id)
-            .bind(day)
-            .bind(i64::from(usage.prompt_tokens))
-            .bind(i64::from(usage.completion_tokens))
+            .bind(delta.date)
+            .bind(n(delta.messages))
+            .bind(n(delta.prompt_tokens))
+            .bind(n(delta.completion_tokens))
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -20,7 +20,7 @@ use super::sqlite_writer::{NewRow, Writer};
 use super::{
     Chat, DailyUsage, Message, NewAnswer, Page, Role, Store, StoreResult, Tenant, TenantSettings,
 };
-use crate::protocol::{Job, Usage};
+use crate::protocol::Job;
 
 /// SQLite-backed [`Store`].
 ///
@@ -181,12 +181,14 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn add_usage(&self, tenant_id: Uuid, day: NaiveDate, usage: &Usage) -> StoreResult<()> {
+    async fn add_usage(&self, tenant_id: Uuid, delta: &DailyUsage) -> StoreResult<()> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         sqlx::query(super::ADD_USAGE)
             .bind(tenant_id)
-            .bind(day)
-            .bind(i64::from(usage.prompt_tokens))
-            .bind(i64::from(usage.completion_tokens))
+            .bind(delta.date)
+            .bind(n(delta.messages))
+            .bind(n(delta.prompt_tokens))
+            .bind(n(delta.completion_tokens))
             .execute(&self.write)
             .await?;
         Ok(())

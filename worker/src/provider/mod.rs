@@ -85,6 +85,12 @@ pub trait Provider: Send + Sync + 'static {
         true
     }
 
+    /// The model a call asks for when the tenant names `requested` (an endpoint may supply a
+    /// default for an empty name).
+    fn model_for(&self, requested: &str) -> String {
+        requested.to_owned()
+    }
+
     /// Characters of earlier messages the provider accepts as context; `None`: no bound
     /// beyond the tenant's message count.
     fn context_budget(&self) -> Option<usize> {

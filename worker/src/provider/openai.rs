@@ -71,12 +71,15 @@ impl Endpoint {
         })
     }
 
+    fn model_for(&self, requested: &str) -> String {
+        match &self.endpoint.default_model {
+            Some(default) if requested.is_empty() => default.clone(),
+            _ => requested.to_owned(),
+        }
+    }
+
     fn body(&self, request: &ChatRequest) -> Value {
-        let model = if request.model.is_empty() {
-            self.endpoint.default_model.clone().unwrap_or_default()
-        } else {
-            request.model.clone()
-        };
+        let model = self.model_for(&request.model);
         let messages: Vec<Value> = request
             .messages
             .iter()
@@ -187,11 +190,12 @@ type Events = Pin<Box<dyn Stream<Item = Result<eventsource_stream::Event, String
 enum Phase {
     /// Not connected yet (or connecting again), with the number of attempts made.
     Connect(u32),
-    /// Reading events; `produced` once a token has gone out.
+    /// Reading events; `produced` once a token has gone out; the first must come by `deadline`.
     Read {
         events: Events,
         produced: bool,
         attempts: u32,
+        deadline: Instant,
     },
     /// Finished: the stream returns nothing more.
     Over,
@@ -221,13 +225,15 @@ impl Call {
                     mut events,
                     produced,
                     attempts,
+                    deadline,
                 } => {
-                    let limit = if produced {
-                        self.provider.endpoint.idle_timeout_ms
+                    let until = if produced {
+                        Instant::now()
+                            + Duration::from_millis(self.provider.endpoint.idle_timeout_ms)
                     } else {
-                        self.provider.endpoint.first_token_timeout_ms
+                        deadline
                     };
-                    let next = tokio::time::timeout(Duration::from_millis(limit), events.next());
+                    let next = tokio::time::timeout_at(until.into(), events.next());
                     let event = match next.await {
                         Err(_) => return Some(Err(ProviderError::Timeout(timeout_kind(produced)))),
                         Ok(None) => Err("the stream ended without [DONE]".to_owned()),
@@ -242,7 +248,13 @@ impl Call {
                         }
                         Err(e) => return Some(Err(ProviderError::Failed(e))),
                         Ok(chunk) => {
-                            if let Some(item) = self.take(chunk, events, produced, attempts) {
+                            let reading = Phase::Read {
+                                events,
+                                produced,
+                                attempts,
+                                deadline,
+                            };
+                            if let Some(item) = self.take(chunk, reading) {
                                 return Some(item);
                             }
                         }
@@ -268,6 +280,7 @@ impl Call {
                         events: Box::pin(events),
                         produced: false,
                         attempts,
+                        deadline,
                     };
                     return Ok(());
                 }
@@ -284,13 +297,12 @@ impl Call {
         }
     }
 
-    /// Applies one chunk; `Some` when it produces an item for the answer stream.
+    /// Applies one chunk read in phase `reading`; `Some` when it produces an item for the
+    /// answer stream.
     fn take(
         &mut self,
         chunk: sse::Chunk,
-        events: Events,
-        produced: bool,
-        attempts: u32,
+        mut reading: Phase,
     ) -> Option<Result<StreamItem, ProviderError>> {
         match chunk {
             sse::Chunk::Done => Some(Ok(StreamItem::Done {
@@ -308,11 +320,10 @@ impl Call {
             } => {
                 self.finish_reason = finish_reason.or(self.finish_reason.take());
                 self.usage = usage.or(self.usage.take());
-                self.phase = Phase::Read {
-                    events,
-                    produced: produced || content.is_some(),
-                    attempts,
-                };
+                if let (Phase::Read { produced, .. }, Some(_)) = (&mut reading, &content) {
+                    *produced = true;
+                }
+                self.phase = reading;
                 content.map(|c| Ok(StreamItem::Delta(c)))
             }
         }
@@ -344,6 +355,10 @@ impl Provider for OpenAiProvider {
             Some((item, call))
         })
         .boxed()
+    }
+
+    fn model_for(&self, requested: &str) -> String {
+        self.0.model_for(requested)
     }
 
     fn context_budget(&self) -> Option<usize> {
