@@ -226,10 +226,12 @@ async fn ready(app: &TestApp) -> u16 {
     }
 }
 
-async fn wait_ready(app: &TestApp, want: u16) {
+/// Waits until `/readyz` answers `want`; returns its body.
+async fn wait_ready(app: &TestApp, want: u16) -> Value {
     for _ in 0..100 {
         if ready(app).await == want {
-            return;
+            let res = app.http.get(app.url("/readyz")).send().await.unwrap();
+            return res.json().await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -250,14 +252,7 @@ async fn gateway_and_worker_ride_out_a_redis_restart() -> TestResult {
     wait_ready(&app, 200).await;
 
     redis.stop();
-    wait_ready(&app, 503).await;
-    let v: Value = app
-        .http
-        .get(app.url("/readyz"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let v = wait_ready(&app, 503).await;
     assert_eq!(v["checks"]["broker"], false);
 
     redis.restart();
@@ -300,14 +295,7 @@ async fn gateway_and_worker_ride_out_a_postgres_restart() -> TestResult {
     wait_ready(&app, 200).await;
 
     pg.stop();
-    wait_ready(&app, 503).await;
-    let v: Value = app
-        .http
-        .get(app.url("/readyz"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let v = wait_ready(&app, 503).await;
     assert_eq!(v["checks"]["store"], false);
     assert_eq!(v["checks"]["broker"], true);
     // A REST call meanwhile gets a clear error, not a hang.

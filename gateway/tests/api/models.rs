@@ -15,20 +15,26 @@ use crate::helpers::*;
 
 /// A mock model server and an app whose `llm` endpoint points at it.
 async fn app_with_model(settings: Settings) -> (TestApp, MockLlm) {
+    app_with_endpoint(settings, |_| {}).await
+}
+
+/// The same, with the endpoint's settings adjusted by `tweak`.
+async fn app_with_endpoint(
+    settings: Settings,
+    tweak: impl FnOnce(&mut ModelEndpoint),
+) -> (TestApp, MockLlm) {
     let mock = MockLlm::start("127.0.0.1:0", settings).unwrap();
-    let base_url = mock.base_url();
+    let mut endpoint = ModelEndpoint {
+        base_url: mock.base_url(),
+        api_key_env: None,
+        first_token_timeout_ms: 3_000,
+        idle_timeout_ms: 400,
+        retry_backoff_ms: 10,
+        ..ModelEndpoint::default()
+    };
+    tweak(&mut endpoint);
     let app = spawn_with(|c| {
-        c.worker.models.insert(
-            "llm".into(),
-            ModelEndpoint {
-                base_url,
-                api_key_env: None,
-                first_token_timeout_ms: 3_000,
-                idle_timeout_ms: 400,
-                retry_backoff_ms: 10,
-                ..ModelEndpoint::default()
-            },
-        );
+        c.worker.models.insert("llm".into(), endpoint);
     })
     .await;
     (app, mock)
@@ -414,25 +420,11 @@ async fn server_errors_past_the_retries_end_in_ai_error_and_keep_the_question() 
 
 #[tokio::test]
 async fn no_first_token_in_time_ends_in_ai_error_without_retrying() -> TestResult {
-    let mock = MockLlm::start(
-        "127.0.0.1:0",
-        Settings {
-            first_token_delay: Duration::from_secs(3),
-            ..Settings::default()
-        },
-    )?;
-    let base_url = mock.base_url();
-    let app = spawn_with(|c| {
-        c.worker.models.insert(
-            "llm".into(),
-            ModelEndpoint {
-                base_url,
-                first_token_timeout_ms: 300,
-                ..ModelEndpoint::default()
-            },
-        );
-    })
-    .await;
+    let slow = Settings {
+        first_token_delay: Duration::from_secs(3),
+        ..Settings::default()
+    };
+    let (app, mock) = app_with_endpoint(slow, |e| e.first_token_timeout_ms = 300).await;
     let (key, chat) = llm_tenant(&app, json!({})).await;
     let events = ask(&app, &key, &chat, "hello").await;
     let last = events.last().unwrap();
