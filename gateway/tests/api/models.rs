@@ -53,6 +53,22 @@ async fn llm_tenant(app: &TestApp, extra: Value) -> (String, String) {
 
 /// Sends one message; the events up to the end of its answer (a failed answer ends with its
 /// `error` event, after the `message_stream_ended` of a partial answer).
+/// An app and a `u1` chat whose model endpoint will misbehave `times` in a row.
+async fn with_fault(
+    fault: FaultKind,
+    after_tokens: u64,
+    times: u32,
+) -> (TestApp, MockLlm, String, String) {
+    let (app, mock) = app_with_model(Settings::default()).await;
+    let (key, chat) = llm_tenant(&app, json!({})).await;
+    mock.push_fault(Fault {
+        fault,
+        after_tokens,
+        times,
+    });
+    (app, mock, key, chat)
+}
+
 async fn ask(app: &TestApp, key: &str, chat: &str, content: &str) -> Vec<Value> {
     let mut ws = app.ws(key, "u1", chat).await;
     ws.until("connection_established").await;
@@ -171,13 +187,7 @@ async fn tenant_usage(app: &TestApp, key: &str) -> Value {
 
 #[tokio::test]
 async fn a_429_then_success_is_retried_and_answered_once() -> TestResult {
-    let (app, mock) = app_with_model(Settings::default()).await;
-    let (key, chat) = llm_tenant(&app, json!({})).await;
-    mock.push_fault(Fault {
-        fault: FaultKind::RateLimited,
-        after_tokens: 0,
-        times: 1,
-    });
+    let (app, mock, key, chat) = with_fault(FaultKind::RateLimited, 0, 1).await;
     let events = ask(&app, &key, &chat, "hello").await;
     assert!(events.iter().all(|e| e["event_type"] != "error"));
     assert_eq!(events.last().unwrap()["finish_reason"], "stop");
@@ -188,13 +198,7 @@ async fn a_429_then_success_is_retried_and_answered_once() -> TestResult {
 
 /// A fault after 3 tokens ends in `AI_ERROR`, with the partial answer and the question saved.
 async fn partial_answer_after(kind: FaultKind) {
-    let (app, mock) = app_with_model(Settings::default()).await;
-    let (key, chat) = llm_tenant(&app, json!({})).await;
-    mock.push_fault(Fault {
-        fault: kind,
-        after_tokens: 3,
-        times: 1,
-    });
+    let (app, mock, key, chat) = with_fault(kind, 3, 1).await;
     let events = ask(&app, &key, &chat, "hello").await;
     let n = events.len();
     assert_eq!(
@@ -401,13 +405,7 @@ async fn the_model_key_stays_out_of_logs_events_and_responses() -> TestResult {
 
 #[tokio::test]
 async fn server_errors_past_the_retries_end_in_ai_error_and_keep_the_question() -> TestResult {
-    let (app, mock) = app_with_model(Settings::default()).await;
-    let (key, chat) = llm_tenant(&app, json!({})).await;
-    mock.push_fault(Fault {
-        fault: FaultKind::ServerError,
-        after_tokens: 0,
-        times: 3,
-    });
+    let (app, mock, key, chat) = with_fault(FaultKind::ServerError, 0, 3).await;
     let events = ask(&app, &key, &chat, "hello").await;
     assert_eq!(events.last().unwrap()["error_code"], "AI_ERROR");
     assert_eq!(mock.stats().requests, 3, "the first try and two retries");
