@@ -64,10 +64,10 @@ pub enum ProviderError {
     #[error("unknown provider '{0}'")]
     UnknownProvider(String),
     /// The model failed (including the mock's `fail_after_tokens` drill).
-    #[error("model failed: {0}")]
+    #[error("{0}")]
     Failed(String),
     /// The model took longer than its time limit.
-    #[error("model timed out: {0}")]
+    #[error("{0}")]
     Timeout(&'static str),
 }
 

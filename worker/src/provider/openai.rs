@@ -114,10 +114,15 @@ impl Endpoint {
                     "no answer within the first-token time limit",
                 ));
             }
+            // Tenants' clients see these messages: no URL (it may name internal hosts).
             Ok(Err(e)) if e.is_connect() || e.is_request() => {
-                return Err(Failure::retry(format!("could not reach the model ({e})")));
+                tracing::warn!(provider = %self.name, error = %e, "model endpoint unreachable");
+                return Err(Failure::retry("could not reach the model"));
             }
-            Ok(Err(e)) => return Err(Failure::fatal(format!("request failed ({e})"))),
+            Ok(Err(e)) => {
+                tracing::warn!(provider = %self.name, error = %e, "model request failed");
+                return Err(Failure::fatal("the model request failed"));
+            }
             Ok(Ok(r)) => r,
         };
         let status = response.status();
@@ -237,7 +242,10 @@ impl Call {
                     let event = match next.await {
                         Err(_) => return Some(Err(ProviderError::Timeout(timeout_kind(produced)))),
                         Ok(None) => Err("the stream ended without [DONE]".to_owned()),
-                        Ok(Some(Err(e))) => Err(format!("the stream broke ({e})")),
+                        Ok(Some(Err(e))) => {
+                            tracing::warn!(provider = %self.provider.name, error = %e, "model stream broke");
+                            Err("the stream broke".to_owned())
+                        }
                         Ok(Some(Ok(event))) => sse::parse(&event.event, &event.data),
                     };
                     match event {
