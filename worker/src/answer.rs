@@ -52,6 +52,7 @@ pub async fn listen_for_cancels(ctx: Arc<Context>) {
 /// Answers one delivery and acknowledges it. Failures are reported on the chat, never retried
 /// here: the broker decides about redelivery.
 pub async fn answer(ctx: &Context, delivery: Delivery) {
+    let _busy = Busy::count(&ctx.answering);
     if let Err(e) = try_answer(ctx, &delivery).await {
         tracing::error!(error = %e, chat_id = %delivery.job.chat_id, "answer failed");
         let event = ServerEvent::error(ErrorCode::AiError, "The answer could not be produced");
@@ -59,6 +60,22 @@ pub async fn answer(ctx: &Context, delivery: Delivery) {
     }
     if let Err(e) = ctx.broker.ack(&delivery).await {
         tracing::warn!(error = %e, "could not acknowledge a job");
+    }
+}
+
+/// Counts an answer in progress while alive.
+struct Busy<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn count(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(counter)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

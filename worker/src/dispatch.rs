@@ -3,13 +3,21 @@
 //!
 //! The first job of an idle chat starts a task for that chat; later jobs of a busy chat wait in
 //! its queue, and the task takes them in turn until the queue is empty.
+//!
+//! Draining: once the stop signal fires no job is taken, each chat task finishes the answer it
+//! is streaming (so its clients see a complete answer) and starts no other; the jobs it leaves
+//! unacknowledged are reclaimed by other workers. The process bounds the drain by
+//! `drain_timeout_secs`.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
 };
 
-use shared::{broker::Delivery, shutdown::Shutdown};
+use shared::{
+    broker::Delivery,
+    shutdown::{CancellationToken, Shutdown},
+};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -39,9 +47,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
-            let (ctx, queues) = (ctx.clone(), queues.clone());
-            shutdown.spawn(async move {
-                drain_chat(ctx, queues, first).await;
+            let (ctx, queues, stop) = (ctx.clone(), queues.clone(), shutdown.token.clone());
+            // On the tracker, not `Shutdown::spawn`: the stop signal must not abort an answer.
+            shutdown.tracker.spawn(async move {
+                drain_chat(ctx, queues, first, stop).await;
                 drop(permit);
             });
         }
@@ -65,19 +74,24 @@ fn enqueue(queues: &Queues, delivery: Delivery) -> Option<Delivery> {
     }
 }
 
-/// Answers `first`, then the chat's queued jobs in order, then retires the chat.
-async fn drain_chat(ctx: Arc<Context>, queues: Queues, first: Delivery) {
+/// Answers `first`, then the chat's queued jobs in order, then retires the chat; after `stop`
+/// it starts no further job.
+async fn drain_chat(ctx: Arc<Context>, queues: Queues, first: Delivery, stop: CancellationToken) {
     let chat_id = first.job.chat_id;
     let mut next = Some(first);
     while let Some(delivery) = next {
-        wait_for_turn(&ctx, &delivery).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = wait_for_turn(&ctx, &delivery) => {}
+        }
         answer::answer(&ctx, delivery).await;
         let mut map = queues
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         next = map.get_mut(&chat_id).and_then(VecDeque::pop_front);
-        if next.is_none() {
+        if next.is_none() || stop.is_cancelled() {
             map.remove(&chat_id);
+            return;
         }
     }
 }

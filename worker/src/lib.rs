@@ -40,6 +40,8 @@ pub struct Context {
     pub active: DashMap<Uuid, CancellationToken>,
     /// Usage not yet written to the store.
     pub usage: Arc<usage::UsageMeter>,
+    /// Answers in progress (a stopping worker flushes usage once they are done).
+    pub answering: Arc<std::sync::atomic::AtomicUsize>,
     /// Worker settings.
     pub config: WorkerConfig,
 }
@@ -61,16 +63,20 @@ impl Worker {
                 providers: Providers::from_config(&config.models),
                 active: DashMap::new(),
                 usage: Arc::default(),
+                answering: Arc::default(),
                 config,
             }),
         }
     }
 
-    /// Consumes jobs until `shutdown` fires (or the broker closes). Spawns its tasks on `shutdown`.
+    /// Consumes jobs until `shutdown` fires (or the broker closes), then lets the answers in
+    /// progress finish (see [`dispatch`]); `Shutdown::stop` waits for them, so bound it by the
+    /// drain timeout. Spawns its tasks on `shutdown`.
     pub async fn run(self, shutdown: shared::shutdown::Shutdown) {
         let cancels = answer::listen_for_cancels(self.ctx.clone());
         shutdown.spawn(cancels);
-        usage::start_flushing(self.ctx.usage.clone(), self.ctx.store.clone(), &shutdown);
+        let (usage, store) = (self.ctx.usage.clone(), self.ctx.store.clone());
+        usage::start_flushing(usage, store, self.ctx.answering.clone(), &shutdown);
         dispatch::run(self.ctx, shutdown).await;
     }
 }

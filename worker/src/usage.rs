@@ -5,7 +5,14 @@
 //! hot path (a write per answer halved the embedded throughput). A worker that crashes loses at
 //! most its last second of counts; a failed write is kept and retried with the next flush.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use chrono::{NaiveDate, Utc};
 use shared::{
@@ -72,11 +79,12 @@ impl UsageMeter {
     }
 }
 
-/// Flushes every second until `shutdown`, then once more (on the shutdown's tracker, so a stop
-/// waits for the last write).
+/// Flushes every second until `shutdown`, then until the answers still finishing (`busy`)
+/// are done, then once more; on the shutdown's tracker, so a stop waits for the last write.
 pub fn start_flushing(
-    meter: std::sync::Arc<UsageMeter>,
-    store: std::sync::Arc<dyn Store>,
+    meter: Arc<UsageMeter>,
+    store: Arc<dyn Store>,
+    busy: Arc<AtomicUsize>,
     shutdown: &Shutdown,
 ) {
     let token = shutdown.token.clone();
@@ -87,6 +95,9 @@ pub fn start_flushing(
                 () = token.cancelled() => break,
                 _ = tick.tick() => meter.flush(store.as_ref()).await,
             }
+        }
+        while busy.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         meter.flush(store.as_ref()).await;
     });

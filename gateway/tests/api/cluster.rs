@@ -60,6 +60,20 @@ impl Node {
         Node { child, port }
     }
 
+    /// SIGTERM, as a rolling restart sends; true once the process has exited within `within`.
+    fn terminate(&mut self, within: Duration) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL: no goodbye to Redis
         let _ = self.child.wait();
@@ -216,6 +230,37 @@ async fn a_worker_killed_mid_answer_leaves_exactly_one_complete_answer() -> Test
     assert_eq!(saved["messages"][1]["content"], ended["content"]);
     assert_eq!(saved["messages"][1]["metadata"]["tokens_used"], 40);
     assert_eq!(ended["finish_reason"], "stop");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_stopped_mid_answer_finishes_it_once_then_exits() -> TestResult {
+    let db = TestDb::postgres().await;
+    let gw = start(&db.url, use_redis).await;
+    gw.stop_worker().await;
+    let key = gw
+        .tenant_with(json!({"agent": {"options": {"reply_tokens": 30, "token_delay_ms": 40}}}))
+        .await;
+    let chat = gw.chat_as(&key, "u1").await;
+    let mut worker = Node::spawn("worker", &db.url);
+    let mut ws = gw.ws(&key, "u1", &chat).await;
+    ws.next().await;
+    ws.send_json(json!({"content": "finish what you started"}))
+        .await;
+    ws.until("message_stream_token").await;
+    // The answer streams for about a second more: the drain lets it end.
+    let exited = tokio::task::spawn_blocking(move || worker.terminate(Duration::from_secs(10)));
+    let ended = ws.until("message_stream_ended").await;
+    let ended = ended.last().unwrap();
+    assert_eq!(ended["finish_reason"], "stop");
+    assert!(exited.await?, "the worker exits once its answer is done");
+    let saved: Value = gw
+        .get(&key, &format!("/api/v1/chats/{chat}/messages"))
+        .await
+        .json()
+        .await?;
+    assert_eq!(saved["total"], 2, "one message, one answer: {saved}");
+    assert_eq!(saved["messages"][1]["metadata"]["tokens_used"], 30);
     Ok(())
 }
 
