@@ -21,7 +21,7 @@ use shared::{
 
 use crate::{
     Context,
-    provider::{ChatMessage, ChatRequest, ProviderError, StreamItem},
+    provider::{ChatMessage, ChatRequest, Provider, ProviderError, StreamItem},
 };
 
 /// How a stream ended.
@@ -90,14 +90,17 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
         return Ok(());
     };
     let agent = tenant.settings.agent;
-    let provider = ctx.providers.get(&agent.provider).ok();
-    let uses_history = provider.as_ref().is_some_and(|p| p.uses_history());
+    let provider = ctx.providers.get(&agent.provider);
+    let uses_history = provider.as_ref().is_ok_and(|p| p.uses_history());
     let history = if uses_history && agent.history_messages > 0 {
         let history = ctx
             .store
             .history_before(job.chat_id, &job.message_id, agent.history_messages)
             .await?;
-        within_budget(history, provider.as_ref().and_then(|p| p.context_budget()))
+        within_budget(
+            history,
+            provider.as_ref().ok().and_then(|p| p.context_budget()),
+        )
     } else {
         Vec::new()
     };
@@ -106,7 +109,7 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
     let prompt_estimate = messages.iter().map(|m| count_words(&m.content)).sum();
     let model = provider
         .as_ref()
-        .map_or_else(|| agent.model.clone(), |p| p.model_for(&agent.model));
+        .map_or_else(|_| agent.model.clone(), |p| p.model_for(&agent.model));
     let request = ChatRequest {
         model: model.clone(),
         messages,
@@ -127,7 +130,7 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
     }];
     let cancel = CancellationToken::new();
     ctx.active.insert(job.chat_id, cancel.clone());
-    let outcome = stream_answer(ctx, job, &agent.provider, request, &cancel, &mut outbox).await;
+    let outcome = stream_answer(ctx, job, provider, request, &cancel, &mut outbox).await;
     ctx.active.remove(&job.chat_id);
     flush(ctx, job, &mut outbox).await;
     finish(ctx, job, answer_id, &model, prompt_estimate, outcome).await
@@ -178,7 +181,7 @@ fn conversation(system: Option<&str>, history: &[Message], content: &str) -> Vec
 async fn stream_answer(
     ctx: &Context,
     job: &Job,
-    provider: &str,
+    provider: Result<Arc<dyn Provider>, ProviderError>,
     request: ChatRequest,
     cancel: &CancellationToken,
     outbox: &mut Vec<ServerEvent>,
@@ -190,7 +193,7 @@ async fn stream_answer(
         usage: None,
         error: None,
     };
-    let mut stream = match ctx.providers.get(provider) {
+    let mut stream = match provider {
         Ok(p) => p.stream(request),
         Err(e) => {
             out.error = Some(e);

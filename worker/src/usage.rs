@@ -35,16 +35,23 @@ impl UsageMeter {
     /// Counts one saved answer.
     pub fn add(&self, tenant_id: Uuid, usage: &Usage) {
         let date = Utc::now().date_naive();
+        let prompt = i64::from(usage.prompt_tokens);
+        let completion = i64::from(usage.completion_tokens);
+        self.accumulate(tenant_id, DailyUsage::from_row(date, 1, prompt, completion));
+    }
+
+    /// Adds `delta` to the pending total of its tenant and day.
+    fn accumulate(&self, tenant_id: Uuid, delta: DailyUsage) {
         let mut pending = self
             .pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = pending
-            .entry((tenant_id, date))
-            .or_insert_with(|| DailyUsage::from_row(date, 0, 0, 0));
-        entry.messages += 1;
-        entry.prompt_tokens += u64::from(usage.prompt_tokens);
-        entry.completion_tokens += u64::from(usage.completion_tokens);
+            .entry((tenant_id, delta.date))
+            .or_insert_with(|| DailyUsage::from_row(delta.date, 0, 0, 0));
+        entry.messages += delta.messages;
+        entry.prompt_tokens += delta.prompt_tokens;
+        entry.completion_tokens += delta.completion_tokens;
         entry.total_tokens = entry.prompt_tokens + entry.completion_tokens;
     }
 
@@ -59,23 +66,9 @@ impl UsageMeter {
         for ((tenant_id, _), delta) in batch {
             if let Err(e) = store.add_usage(tenant_id, &delta).await {
                 tracing::warn!(error = %e, %tenant_id, "could not record usage; will retry");
-                self.merge_back(tenant_id, delta);
+                self.accumulate(tenant_id, delta);
             }
         }
-    }
-
-    fn merge_back(&self, tenant_id: Uuid, delta: DailyUsage) {
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = pending
-            .entry((tenant_id, delta.date))
-            .or_insert_with(|| DailyUsage::from_row(delta.date, 0, 0, 0));
-        entry.messages += delta.messages;
-        entry.prompt_tokens += delta.prompt_tokens;
-        entry.completion_tokens += delta.completion_tokens;
-        entry.total_tokens = entry.prompt_tokens + entry.completion_tokens;
     }
 }
 
