@@ -249,6 +249,68 @@ async fn usage_adds_up_by_day(s: Arc<dyn Store>) -> TestResult {
     Ok(())
 }
 
+/// Many writers at once: the store batches them, every row gets its own outcome, a row whose
+/// chat was deleted fails alone, a message is answered once however many answers race, and
+/// the counters match the rows.
+async fn concurrent_writes_keep_their_own_outcomes(s: Arc<dyn Store>) -> TestResult {
+    let t = s
+        .create_tenant("t", &TenantSettings::default(), "h")
+        .await?;
+    let mut chats = Vec::new();
+    for i in 0..20 {
+        chats.push(
+            s.create_chat(t.id, "u", &format!("c{i}"), &Map::new())
+                .await?,
+        );
+    }
+    let gone = s.create_chat(t.id, "u", "gone", &Map::new()).await?;
+    s.delete_chat(t.id, gone.id).await?;
+    let writes = chats
+        .iter()
+        .flat_map(|c| (0..10).map(move |n| (c.id, n)))
+        .map(|(chat, n)| {
+            let s = s.clone();
+            async move {
+                s.add_user_message(chat, "u", &format!("m{n}"), &Map::new())
+                    .await
+            }
+        });
+    let none = Map::new();
+    let doomed = s.add_user_message(gone.id, "u", "lost", &none);
+    let (saved, doomed) = tokio::join!(futures_util::future::join_all(writes), doomed);
+    assert!(doomed.is_err(), "a message to a deleted chat is refused");
+    let saved = saved.into_iter().collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(saved.len(), 200);
+
+    let question = &saved[0];
+    let answers = (0..5).map(|i| {
+        let s = s.clone();
+        let answer = NewAnswer {
+            id: format!("msg_race{i}"),
+            chat_id: question.chat_id,
+            user_id: "u".into(),
+            reply_to: question.id.clone(),
+            content: format!("answer {i}"),
+            metadata: Map::new(),
+        };
+        async move { s.add_answer(&answer).await }
+    });
+    let won = futures_util::future::join_all(answers)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "one answer wins");
+
+    for c in &chats {
+        let (list, total) = s.list_messages(c.id, page(0, 100, false)).await?;
+        let expected = if c.id == question.chat_id { 11 } else { 10 };
+        assert_eq!((list.len() as i64, total), (expected, expected));
+        let chat = s.get_chat(t.id, c.id).await?.expect("chat");
+        assert_eq!(chat.message_count, expected, "counters match the rows");
+    }
+    Ok(())
+}
+
 macro_rules! suite {
     ($($name:ident),*) => {
         mod on_sqlite {
@@ -271,5 +333,6 @@ suite!(
     tenants_round_trip,
     chats_and_messages,
     hostile_text_round_trips,
-    usage_adds_up_by_day
+    usage_adds_up_by_day,
+    concurrent_writes_keep_their_own_outcomes
 );

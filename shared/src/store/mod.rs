@@ -4,8 +4,10 @@
 //! is the embedded implementation, [`postgres::PgStore`] the distributed one; the database URL
 //! picks one.
 
+mod batch;
 pub mod cache;
 mod model;
+mod pg_batch;
 pub mod postgres;
 mod rows;
 pub mod sqlite;

@@ -2,7 +2,8 @@
 //!
 //! Migrations run at start-up (and with `gateway migrate`); sqlx holds a Postgres advisory lock
 //! while migrating, so several gateways starting at once apply them exactly once. Message
-//! inserts update the chat's counters in the same statement (a data-modifying CTE).
+//! inserts are group-committed and update their chats' counters in the same statement (see
+//! `pg_batch`).
 
 use std::time::Duration;
 
@@ -12,24 +13,23 @@ use serde_json::{Map, Value};
 use sqlx::{PgPool, postgres::PgPoolOptions, types::Json};
 use uuid::Uuid;
 
+use super::batch::Writer;
+use super::pg_batch::PgRows;
 use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, TenantRow, messages};
 use super::{
-    Chat, DailyUsage, Message, NewAnswer, Page, Role, Store, StoreResult, Tenant, TenantSettings,
+    Chat, DailyUsage, Message, NewAnswer, Page, Store, StoreResult, Tenant, TenantSettings,
 };
 use crate::protocol::Job;
 
-/// Inserts a message and bumps its chat's counters; affects one row, or none when `reply_to`
-/// already has an answer.
-const INSERT_MESSAGE: &str = "WITH m AS ( \
-        INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING chat_id, created_at) \
-    UPDATE chats SET message_count = message_count + 1, last_message_at = m.created_at, \
-        updated_at = m.created_at FROM m WHERE chats.id = m.chat_id";
+/// Batches of message inserts committing at once (see [`super::batch`]); the rest of the pool
+/// serves reads and other writes.
+const WRITE_LANES: usize = 4;
 
 /// Postgres-backed [`Store`].
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    writer: Writer,
 }
 
 impl PgStore {
@@ -41,22 +41,8 @@ impl PgStore {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
-    }
-
-    async fn insert_message(&self, m: &Message) -> StoreResult<bool> {
-        let done = sqlx::query(INSERT_MESSAGE)
-            .bind(&m.id)
-            .bind(m.chat_id)
-            .bind(m.role.as_str())
-            .bind(&m.user_id)
-            .bind(&m.content)
-            .bind(Json(&m.metadata))
-            .bind(&m.reply_to)
-            .bind(m.created_at)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let writer = Writer::start(PgRows(pool.clone()), WRITE_LANES);
+        Ok(Self { pool, writer })
     }
 }
 
@@ -326,32 +312,14 @@ impl Store for PgStore {
         content: &str,
         metadata: &Map<String, Value>,
     ) -> StoreResult<Message> {
-        let message = Message {
-            id: crate::protocol::message_id(),
-            chat_id,
-            role: Role::User,
-            user_id: user_id.to_owned(),
-            content: content.to_owned(),
-            metadata: metadata.clone(),
-            reply_to: None,
-            created_at: Utc::now(),
-        };
-        self.insert_message(&message).await?;
-        Ok(message)
+        Ok(self
+            .writer
+            .add_user_message(chat_id, user_id, content, metadata)
+            .await?)
     }
 
     async fn add_answer(&self, a: &NewAnswer) -> StoreResult<bool> {
-        self.insert_message(&Message {
-            id: a.id.clone(),
-            chat_id: a.chat_id,
-            role: Role::Assistant,
-            user_id: a.user_id.clone(),
-            content: a.content.clone(),
-            metadata: a.metadata.clone(),
-            reply_to: Some(a.reply_to.clone()),
-            created_at: Utc::now(),
-        })
-        .await
+        Ok(self.writer.add_answer(a).await?)
     }
 
     async fn answer_to(&self, message_id: &str) -> StoreResult<Option<Message>> {

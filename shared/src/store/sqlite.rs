@@ -15,10 +15,11 @@ use sqlx::{
 };
 use uuid::Uuid;
 
+use super::batch::Writer;
 use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, TenantRow, messages};
-use super::sqlite_writer::{NewRow, Writer};
+use super::sqlite_writer::{SqliteRows, checkpoint};
 use super::{
-    Chat, DailyUsage, Message, NewAnswer, Page, Role, Store, StoreResult, Tenant, TenantSettings,
+    Chat, DailyUsage, Message, NewAnswer, Page, Store, StoreResult, Tenant, TenantSettings,
 };
 use crate::protocol::Job;
 
@@ -58,7 +59,8 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        let writer = Writer::start(write.clone(), checkpoints);
+        let writer = Writer::start(SqliteRows(write.clone()), 1);
+        tokio::spawn(checkpoint(checkpoints, writer.downgrade()));
         Ok(Self {
             read,
             write,
@@ -311,43 +313,14 @@ impl Store for SqliteStore {
         content: &str,
         metadata: &Map<String, Value>,
     ) -> StoreResult<Message> {
-        let message = Message {
-            id: crate::protocol::message_id(),
-            chat_id,
-            role: Role::User,
-            user_id: user_id.to_owned(),
-            content: content.to_owned(),
-            metadata: metadata.clone(),
-            reply_to: None,
-            created_at: Utc::now(),
-        };
-        self.writer
-            .insert(NewRow {
-                id: message.id.clone(),
-                chat_id,
-                role: Role::User.as_str(),
-                user_id: user_id.to_owned(),
-                content: content.to_owned(),
-                metadata: metadata.clone(),
-                reply_to: None,
-                created_at: message.created_at,
-            })
-            .await?;
-        Ok(message)
+        Ok(self
+            .writer
+            .add_user_message(chat_id, user_id, content, metadata)
+            .await?)
     }
 
     async fn add_answer(&self, a: &NewAnswer) -> StoreResult<bool> {
-        let row = NewRow {
-            id: a.id.clone(),
-            chat_id: a.chat_id,
-            role: Role::Assistant.as_str(),
-            user_id: a.user_id.clone(),
-            content: a.content.clone(),
-            metadata: a.metadata.clone(),
-            reply_to: Some(a.reply_to.clone()),
-            created_at: Utc::now(),
-        };
-        Ok(self.writer.insert(row).await?)
+        Ok(self.writer.add_answer(a).await?)
     }
 
     async fn answer_to(&self, message_id: &str) -> StoreResult<Option<Message>> {
