@@ -7,6 +7,7 @@
 //! - [`limits`]: tenant connection leases and request-rate windows.
 //! - [`keys`]: API key generation and hashing.
 //! - [`mocktext`]: the deterministic words of the mock models.
+//! - [`redis_conn`]: the connections to Redis of the distributed broker and limits.
 //! - [`telemetry`]: tracing set-up.
 //! - [`shutdown`]: the stop signal shared by every long-running task.
 
@@ -16,20 +17,7 @@ pub mod keys;
 pub mod limits;
 pub mod mocktext;
 pub mod protocol;
+pub mod redis_conn;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
-
-/// A Redis connection pool. Each pooled connection is multiplexed, but a command holds its
-/// connection until it answers; with hundreds of chats publishing at once a small pool becomes
-/// the queue, so it is sized well above deadpool's default.
-fn redis_pool(
-    url: impl Into<String>,
-) -> Result<deadpool_redis::Pool, deadpool_redis::CreatePoolError> {
-    let mut config = deadpool_redis::Config::from_url(url);
-    config.pool = Some(deadpool_redis::PoolConfig::new(REDIS_POOL_SIZE));
-    config.create_pool(Some(deadpool_redis::Runtime::Tokio1))
-}
-
-/// Connections per Redis pool.
-const REDIS_POOL_SIZE: usize = 64;

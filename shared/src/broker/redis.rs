@@ -24,8 +24,8 @@ use std::{
 use async_trait::async_trait;
 use bytestring::ByteString;
 use dashmap::DashMap;
-use deadpool_redis::Pool;
 use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, streams::StreamReadReply};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
@@ -82,7 +82,7 @@ impl RedisBrokerConfig {
 
 /// Redis-backed [`Broker`].
 pub struct RedisBroker {
-    pool: Pool,
+    redis: crate::redis_conn::Redis,
     cfg: RedisBrokerConfig,
     hub: Hub,
     control: mpsc::UnboundedSender<Control>,
@@ -104,12 +104,12 @@ impl RedisBroker {
     /// Connects, creates the consumer group if needed and starts the subscriber task. The
     /// background tasks end once the broker is dropped.
     pub async fn connect(cfg: RedisBrokerConfig) -> Result<Arc<Self>, BrokerError> {
-        let pool = crate::redis_pool(cfg.url.clone()).map_err(unavailable)?;
+        let redis = crate::redis_conn::Redis::new(&cfg.url).map_err(unavailable)?;
         let (control, control_rx) = mpsc::unbounded_channel();
         let (emptied, emptied_rx) = mpsc::unbounded_channel();
         tokio::spawn(forward_emptied(emptied_rx, control.downgrade()));
         let broker = Arc::new(Self {
-            pool,
+            redis,
             hub: Hub::with_listener(cfg.chat_buffer, emptied),
             control,
             cancels: broadcast::channel(1024).0,
@@ -144,19 +144,20 @@ impl RedisBroker {
         self.key(&format!("chat:{chat_id}"))
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, BrokerError> {
-        self.pool.get().await.map_err(unavailable)
+    /// The shared connection, for every command but the blocking read (see `redis_conn`).
+    fn conn(&self) -> ConnectionManager {
+        self.redis.shared()
     }
 
     async fn create_group(&self) -> Result<(), BrokerError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(self.key("jobs"))
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM")
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await;
         match created {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
@@ -174,7 +175,7 @@ impl RedisBroker {
         let announce = announce
             .map(|e| e.to_frame().to_string())
             .unwrap_or_default();
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let _: u64 = self
             .enqueue_script
             .key(self.key(&format!("chatseq:{}", job.chat_id)))
@@ -182,7 +183,7 @@ impl RedisBroker {
             .key(self.chat_channel(job.chat_id))
             .arg(payload)
             .arg(announce)
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -203,7 +204,7 @@ impl RedisBroker {
 
     /// New jobs for this consumer: up to a batch, waiting briefly when there are none.
     async fn read_new(&self) -> Result<Vec<Delivery>, BrokerError> {
-        let mut c = self.conn().await?;
+        let mut c = self.redis.dedicated().await.map_err(unavailable)?;
         let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
@@ -233,7 +234,7 @@ impl RedisBroker {
 
     /// A job left by a silent worker, if any (claimed for this consumer).
     async fn reclaim(&self) -> Result<Option<Delivery>, BrokerError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(self.key("jobs"))
             .arg(GROUP)
@@ -242,7 +243,7 @@ impl RedisBroker {
             .arg("0-0")
             .arg("COUNT")
             .arg(1)
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await
             .map_err(unavailable)?;
         let Some(entry) = reply.claimed.into_iter().next() else {
@@ -254,7 +255,7 @@ impl RedisBroker {
             .arg(&entry.id)
             .arg(&entry.id)
             .arg(1)
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await
             .map_err(unavailable)?;
         let attempt = pending.ids.first().map_or(2, |p| p.times_delivered);
@@ -285,7 +286,7 @@ impl RedisBroker {
 
     /// Gives up on a job that failed too often: dead-letters it and tells its chat.
     async fn dead_letter(&self, delivery: &Delivery) -> Result<(), BrokerError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let job = serde_json::to_string(&delivery.job).map_err(unavailable)?;
         let _: String = c
             .xadd(
@@ -353,7 +354,7 @@ impl Broker for RedisBroker {
         let key = self.key(&format!("chatdone:{}", delivery.job.chat_id));
         let mut wait = Duration::from_millis(2);
         loop {
-            let done: Option<u64> = self.conn().await?.get(&key).await.map_err(unavailable)?;
+            let done: Option<u64> = self.conn().get(&key).await.map_err(unavailable)?;
             if done.unwrap_or(0) + 1 >= delivery.seq {
                 return Ok(());
             }
@@ -363,7 +364,7 @@ impl Broker for RedisBroker {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let _: i64 = self
             .ack_script
             .key(self.key(&format!("chatdone:{}", delivery.job.chat_id)))
@@ -371,7 +372,7 @@ impl Broker for RedisBroker {
             .arg(&delivery.id)
             .arg(delivery.seq)
             .arg(GROUP)
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
         self.in_flight.remove(&delivery.id);
@@ -399,7 +400,7 @@ impl Broker for RedisBroker {
             }
             payload.push_str(&event.to_frame());
         }
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let _: i64 = c
             .publish(self.chat_channel(chat_id), payload)
             .await
@@ -419,7 +420,7 @@ impl Broker for RedisBroker {
     }
 
     async fn cancel(&self, chat_id: Uuid) -> Result<(), BrokerError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let _: i64 = c
             .publish(self.key("cancel"), chat_id.to_string())
             .await
@@ -432,9 +433,9 @@ impl Broker for RedisBroker {
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let _: String = redis::cmd("PING")
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -447,9 +448,7 @@ async fn keep_fresh(broker: Weak<RedisBroker>) {
         let Some(b) = broker.upgrade() else { return };
         let period = b.cfg.reclaim_after / 3;
         let ids: Vec<String> = b.in_flight.iter().map(|e| e.key().clone()).collect();
-        if !ids.is_empty()
-            && let Ok(mut c) = b.conn().await
-        {
+        if !ids.is_empty() {
             let claimed: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
                 .arg(b.key("jobs"))
                 .arg(GROUP)
@@ -457,7 +456,7 @@ async fn keep_fresh(broker: Weak<RedisBroker>) {
                 .arg(0)
                 .arg(&ids)
                 .arg("JUSTID")
-                .query_async(&mut *c)
+                .query_async(&mut b.conn())
                 .await;
             if let Err(e) = claimed {
                 tracing::warn!(error = %e, "could not refresh in-flight jobs");

@@ -17,8 +17,8 @@ use std::{
 };
 
 use async_trait::async_trait;
-use deadpool_redis::Pool;
 use redis::Script;
+use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -34,7 +34,7 @@ const LIVE_SUM: &str = "local function live_sum(key, alive) \
 
 /// Redis-backed [`Limits`].
 pub struct RedisLimits {
-    pool: Pool,
+    redis: ConnectionManager,
     prefix: String,
     gateway: String,
     lease_ttl: Duration,
@@ -73,10 +73,10 @@ impl RedisLimits {
         prefix: &str,
         lease_ttl: Duration,
     ) -> Result<Arc<Self>, LimitsError> {
-        let pool = crate::redis_pool(url).map_err(err)?;
+        let redis = crate::redis_conn::Redis::new(url).map_err(err)?.shared();
         let (releases, rx) = mpsc::unbounded_channel();
         let limits = Arc::new(Self {
-            pool,
+            redis,
             prefix: prefix.to_owned(),
             gateway: Uuid::new_v4().to_string(),
             lease_ttl,
@@ -115,41 +115,41 @@ impl RedisLimits {
         format!("{}alive:", self.prefix)
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, LimitsError> {
-        self.pool.get().await.map_err(err)
+    fn conn(&self) -> ConnectionManager {
+        self.redis.clone()
     }
 
     /// Marks this gateway alive for another `lease_ttl`.
     async fn heartbeat(&self) -> Result<(), LimitsError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         redis::cmd("SET")
             .arg(format!("{}{}", self.alive_prefix(), self.gateway))
             .arg(1)
             .arg("PX")
             .arg(ms(self.lease_ttl))
-            .query_async::<()>(&mut *c)
+            .query_async::<()>(&mut c)
             .await
             .map_err(err)
     }
 
     async fn give_back(&self, (tenant, chat): (Uuid, Uuid)) -> Result<(), LimitsError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         self.release
             .key(self.tenant_key(tenant))
             .key(self.chat_key(chat))
             .arg(&self.gateway)
-            .invoke_async::<i64>(&mut *c)
+            .invoke_async::<i64>(&mut c)
             .await
             .map(drop)
             .map_err(err)
     }
 
     async fn live_count(&self, key: String) -> Result<u32, LimitsError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         self.count
             .key(key)
             .arg(self.alive_prefix())
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await
             .map_err(err)
     }
@@ -187,7 +187,7 @@ impl Limits for RedisLimits {
         chat_id: Uuid,
         max: u32,
     ) -> Result<Option<ConnectionLease>, LimitsError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let taken: i64 = self
             .acquire
             .key(self.tenant_key(tenant_id))
@@ -195,7 +195,7 @@ impl Limits for RedisLimits {
             .arg(max)
             .arg(&self.gateway)
             .arg(self.alive_prefix())
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await
             .map_err(err)?;
         if taken == 0 {
@@ -221,12 +221,12 @@ impl Limits for RedisLimits {
         limit: u32,
         window: Duration,
     ) -> Result<RateDecision, LimitsError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let (count, ttl): (u64, i64) = self
             .window
             .key(format!("{}rate:{key}", self.prefix))
             .arg(ms(window))
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await
             .map_err(err)?;
         let used = u32::try_from(count).unwrap_or(u32::MAX);
