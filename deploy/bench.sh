@@ -23,12 +23,12 @@ if [ "${TOPOLOGY:-embedded}" = distributed ]; then
   export PARLEY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/parley_bench
   export PARLEY_REDIS_URL=redis://127.0.0.1:6379 PARLEY_REDIS_PREFIX="bench$$:"
   ${GATEWAY_BIN:-./target/release/gateway} migrate >/dev/null
-  ${WORKER_BIN:-./target/release/worker} &
+  PARLEY_METRICS_BIND=127.0.0.1:$((port + 1001)) ${WORKER_BIN:-./target/release/worker} &
   wk=$!
 else
   export PARLEY_DATABASE_URL="sqlite://$dir/bench.db"
 fi
-PARLEY_BIND=127.0.0.1:$port ${GATEWAY_WRAP:-} ${GATEWAY_BIN:-./target/release/gateway} &
+PARLEY_BIND=127.0.0.1:$port PARLEY_METRICS_BIND=127.0.0.1:$((port + 1000)) ${GATEWAY_WRAP:-} ${GATEWAY_BIN:-./target/release/gateway} &
 gw=$!
 trap 'kill $gw $wk 2>/dev/null; wait $gw $wk 2>/dev/null; rm -rf "$dir"' EXIT
 publishes() { redis-cli info commandstats | awk -F'[=,:]' '/^cmdstat_publish:/ {print $3}'; }

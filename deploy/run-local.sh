@@ -25,7 +25,7 @@ for i in $(seq "$gateways"); do
   PARLEY_BIND=127.0.0.1:$((8000 + i)) PARLEY_METRICS_BIND=127.0.0.1:$((9000 + i)) ./target/$profile/gateway &
   pids+=($!)
 done
-for _ in $(seq "$workers"); do ./target/$profile/worker & pids+=($!); done
+for i in $(seq "$workers"); do PARLEY_METRICS_BIND=127.0.0.1:$((9100 + i)) ./target/$profile/worker & pids+=($!); done
 for i in $(seq "$gateways"); do
   until curl -sf "127.0.0.1:$((8000 + i))/readyz" >/dev/null; do sleep 0.1; done
 done

@@ -22,6 +22,8 @@ use crate::{routes, state::AppState, tenants};
 pub struct Application {
     port: u16,
     server: Server,
+    metrics: Server,
+    metrics_port: u16,
     state: AppState,
 }
 
@@ -46,6 +48,8 @@ impl Application {
         let listener =
             TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
+        let (metrics, metrics_port) = shared::metrics::serve(&config.metrics_bind)
+            .with_context(|| format!("binding the metrics server to {}", config.metrics_bind))?;
         let state = AppState::new(store, broker, limits, Arc::new(config), tenants, shutdown);
         let workers = match state.config.http_workers {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
@@ -72,6 +76,8 @@ impl Application {
         Ok(Self {
             port,
             server,
+            metrics,
+            metrics_port,
             state,
         })
     }
@@ -81,17 +87,24 @@ impl Application {
         self.port
     }
 
+    /// The bound port of the `/metrics` server.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
     /// A handle to stop the application from elsewhere (signals, tests).
     pub fn stopper(&self) -> Stopper {
         Stopper {
             handle: self.server.handle(),
+            metrics: self.metrics.handle(),
             state: self.state.clone(),
         }
     }
 
     /// Serves until stopped.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let (served, metrics) = futures_util::join!(self.server, self.metrics);
+        served.and(metrics)
     }
 }
 
@@ -99,6 +112,7 @@ impl Application {
 #[derive(Clone)]
 pub struct Stopper {
     handle: actix_web::dev::ServerHandle,
+    metrics: actix_web::dev::ServerHandle,
     state: AppState,
 }
 
@@ -108,6 +122,8 @@ impl Stopper {
         self.state.start_draining();
         self.state.shutdown.token.cancel();
         self.handle.stop(true).await;
+        // Scraped until the end, so the drain shows on dashboards.
+        self.metrics.stop(true).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), self.state.shutdown.stop()).await;
     }
 }

@@ -6,6 +6,7 @@
 //! - [`broker`]: job queue, chat fan-out and cancel signals, with an in-process implementation.
 //! - [`limits`]: tenant connection leases and request-rate windows.
 //! - [`keys`]: API key generation and hashing.
+//! - [`metrics`]: the Prometheus metrics and their `/metrics` server.
 //! - [`mocktext`]: the deterministic words of the mock models.
 //! - [`redis_conn`]: the connections to Redis of the distributed broker and limits.
 //! - [`telemetry`]: tracing set-up.
@@ -15,6 +16,7 @@ pub mod broker;
 pub mod config;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod mocktext;
 pub mod protocol;
 pub mod redis_conn;

@@ -6,6 +6,7 @@
 //! announced with `message_stream_ended`; an `error` event with `AI_ERROR` always closes the
 //! stream. A message that already has a saved answer is never answered again.
 
+use shared::metrics::{metrics, seconds_since};
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -31,6 +32,20 @@ struct Outcome {
     finish_reason: &'static str,
     usage: Option<Usage>,
     error: Option<ProviderError>,
+    /// Whether time to first token was recorded.
+    first_token_out: bool,
+}
+
+impl Outcome {
+    /// Records time to first token once the first token has been published.
+    fn published(&mut self, job: &Job) {
+        if self.tokens > 0 && !self.first_token_out {
+            self.first_token_out = true;
+            metrics()
+                .time_to_first_token
+                .observe(seconds_since(job.enqueued_at));
+        }
+    }
 }
 
 /// Forwards cancel requests to the answer in progress on that chat, if any.
@@ -130,9 +145,10 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
     }];
     let cancel = CancellationToken::new();
     ctx.active.insert(job.chat_id, cancel.clone());
-    let outcome = stream_answer(ctx, job, provider, request, &cancel, &mut outbox).await;
+    let mut outcome = stream_answer(ctx, job, provider, request, &cancel, &mut outbox).await;
     ctx.active.remove(&job.chat_id);
     flush(ctx, job, &mut outbox).await;
+    outcome.published(job);
     finish(ctx, job, answer_id, &model, prompt_estimate, outcome).await
 }
 
@@ -192,6 +208,7 @@ async fn stream_answer(
         finish_reason: "error",
         usage: None,
         error: None,
+        first_token_out: false,
     };
     let mut stream = match provider {
         Ok(p) => p.stream(request),
@@ -214,6 +231,7 @@ async fn stream_answer(
         }
         // About to wait: what is ready goes out first.
         flush(ctx, job, outbox).await;
+        out.published(job);
         let item = tokio::select! {
             biased;
             () = cancel.cancelled() => {
@@ -335,6 +353,7 @@ async fn finish(
         }
     }
     if let Some(e) = out.error {
+        metrics().model_error(e.kind());
         tracing::warn!(error = %e, chat_id = %job.chat_id, "model failed");
         publish(
             ctx,

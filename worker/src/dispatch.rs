@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::{Context, answer};
+use shared::metrics::{metrics, seconds_since};
 
 type Queues = Arc<Mutex<HashMap<Uuid, VecDeque<Delivery>>>>;
 
@@ -35,7 +36,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
             next = ctx.broker.next_job() => next,
         };
         let delivery = match delivery {
-            Ok(Some(d)) => d,
+            Ok(Some(d)) => {
+                if d.attempt == 1 {
+                    metrics()
+                        .queue_lag
+                        .observe(seconds_since(d.job.enqueued_at));
+                }
+                metrics().queue_depth.inc();
+                d
+            }
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "could not take a job; retrying");
@@ -84,6 +93,7 @@ async fn drain_chat(ctx: Arc<Context>, queues: Queues, first: Delivery, stop: Ca
             () = stop.cancelled() => return,
             () = wait_for_turn(&ctx, &delivery) => {}
         }
+        metrics().queue_depth.dec();
         answer::answer(&ctx, delivery).await;
         let mut map = queues
             .lock()

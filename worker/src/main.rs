@@ -31,7 +31,12 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let tenants = TenantCache::new(store, Duration::from_secs(config.limits.tenant_cache_secs));
     let shutdown = Shutdown::new();
-    tracing::info!(%consumer, "parley worker started");
+    let (metrics, metrics_port) = shared::metrics::serve(&config.metrics_bind)
+        .with_context(|| format!("binding the metrics server to {}", config.metrics_bind))?;
+    let metrics_handle = metrics.handle();
+    // Stopped through its handle below.
+    tokio::spawn(metrics);
+    tracing::info!(%consumer, metrics_port, "parley worker started");
     let worker = worker::Worker::new(tenants, broker, config.worker.clone());
     tokio::select! {
         () = worker.run(shutdown.clone()) => {}
@@ -39,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let drain = Duration::from_secs(config.worker.drain_timeout_secs);
     let _ = tokio::time::timeout(drain, shutdown.stop()).await;
+    metrics_handle.stop(true).await;
     Ok(())
 }
 

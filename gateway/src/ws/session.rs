@@ -21,12 +21,14 @@ use chrono::Utc;
 use governor::{Quota, RateLimiter, clock::Clock, clock::DefaultClock};
 use serde_json::{Map, Value};
 use shared::protocol::{
-    ClientFrame, ErrorCode, ErrorDetails, FrameError, Job, ServerEvent, parse_client_frame,
+    ClientFrame, ErrorCode, ErrorDetails, FrameError, Job, ServerEvent, is_token_frame,
+    parse_client_frame,
 };
 
 use super::handshake::{self, Accepted, HandshakeParams};
 use crate::{error::ApiError, state::AppState};
 use shared::broker::Subscription;
+use shared::metrics::metrics;
 
 /// Runs a socket until it closes.
 pub async fn run(
@@ -37,11 +39,15 @@ pub async fn run(
 ) {
     match Box::pin(handshake::accept(&state, params)).await {
         Ok(accepted) => {
+            metrics().connect("accepted");
             Connection::new(state, accepted, session)
                 .serve(stream)
                 .await
         }
-        Err(err) => refuse(session, &err).await,
+        Err(err) => {
+            metrics().connect(err.code().as_str());
+            refuse(session, &err).await
+        }
     }
 }
 
@@ -70,6 +76,23 @@ struct Connection {
     accepted: Accepted,
     session: Session,
     limiter: MessageLimiter,
+    _open: OpenSocket,
+}
+
+/// Counts the socket in `open_sockets` while it lives.
+struct OpenSocket;
+
+impl OpenSocket {
+    fn new() -> Self {
+        metrics().open_sockets.inc();
+        Self
+    }
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        metrics().open_sockets.dec();
+    }
 }
 
 impl Connection {
@@ -80,6 +103,7 @@ impl Connection {
             accepted,
             session,
             limiter: RateLimiter::direct(Quota::per_second(per_second)),
+            _open: OpenSocket::new(),
         }
     }
 
@@ -148,9 +172,14 @@ impl Connection {
             let flow = tokio::select! {
                 () = stop.cancelled() => return Some(close(CloseCode::Restart, "server restarting; reconnect")),
                 event = events.recv() => match event {
-                    Some(frame) => match self.session.text(frame).await {
-                        Ok(()) => ControlFlow::Continue(()),
-                        Err(_) => return None,
+                    Some(frame) => match (is_token_frame(&frame), self.session.text(frame).await) {
+                        (token, Ok(())) => {
+                            if token {
+                                metrics().tokens_forwarded.inc();
+                            }
+                            ControlFlow::Continue(())
+                        }
+                        (_, Err(_)) => return None,
                     },
                     None => {
                         let slow = ServerEvent::error(ErrorCode::SlowConsumer, "Too many unread events; closing");
@@ -311,7 +340,10 @@ impl Connection {
         // Without the broker the message stays saved but unannounced: the client is told the
         // service is unavailable instead of receiving `message_received`.
         match self.state.broker.announce_and_enqueue(&received, job).await {
-            Ok(()) => ControlFlow::Continue(()),
+            Ok(()) => {
+                metrics().messages_received.inc();
+                ControlFlow::Continue(())
+            }
             Err(e) => self.send(ApiError::from(e).to_event()).await,
         }
     }

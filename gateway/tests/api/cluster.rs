@@ -38,6 +38,7 @@ impl Node {
             .env("PARLEY_CLUSTER__LEASE_SECS", "3")
             .env("PARLEY_CLUSTER__RECLAIM_AFTER_SECS", "1")
             .env("PARLEY_BIND", "127.0.0.1:0")
+            .env("PARLEY_METRICS_BIND", "127.0.0.1:0")
             .env("PARLEY_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

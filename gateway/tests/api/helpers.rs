@@ -25,6 +25,7 @@ pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 pub struct TestApp {
     pub port: u16,
+    pub metrics_port: u16,
     pub http: reqwest::Client,
     pub api_key: String,
     pub tenant_id: String,
@@ -186,6 +187,7 @@ pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
 pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = Config {
         bind: "127.0.0.1:0".into(),
+        metrics_bind: "127.0.0.1:0".into(),
         database_url: db_url.to_owned(),
         admin_token: Some(ADMIN.into()),
         bootstrap_tenant: false,
@@ -203,10 +205,12 @@ pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
     shared::telemetry::init("warn");
     let app = Application::build(config).await.expect("app builds");
     let port = app.port();
+    let metrics_port = app.metrics_port();
     let stopper = app.stopper();
     tokio::spawn(app.run_until_stopped());
     let mut test = TestApp {
         port,
+        metrics_port,
         http: reqwest::Client::new(),
         api_key: String::new(),
         tenant_id: String::new(),
@@ -228,6 +232,7 @@ impl TestApp {
     pub fn attach(port: u16) -> TestApp {
         TestApp {
             port,
+            metrics_port: 0,
             http: reqwest::Client::new(),
             api_key: String::new(),
             tenant_id: String::new(),

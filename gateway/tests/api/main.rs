@@ -6,6 +6,7 @@ mod clients;
 mod cluster;
 mod helpers;
 mod models;
+mod ops;
 mod rest;
 mod servers;
 mod ws_errors;

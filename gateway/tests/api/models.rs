@@ -338,6 +338,7 @@ async fn the_model_key_stays_out_of_logs_events_and_responses() -> TestResult {
             format!("sqlite://{}/p.db", dir.path().display()),
         )
         .env("PARLEY_BIND", "127.0.0.1:0")
+        .env("PARLEY_METRICS_BIND", "127.0.0.1:0")
         .env("PARLEY_ADMIN_TOKEN", ADMIN)
         .env("PARLEY_LOG", "debug")
         .env_remove("PARLEY_REDIS_URL")

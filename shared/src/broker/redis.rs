@@ -31,9 +31,13 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{Broker, BrokerError, Delivery, Hub, Subscription};
+use crate::metrics::{metrics, seconds_since};
 use crate::protocol::{ErrorCode, Job, ServerEvent};
 
 const GROUP: &str = "workers";
+
+/// Starts the first line of a chat message: the publish time in microseconds (never JSON).
+const STAMP: &str = "@";
 
 /// Chats whose last acknowledged job this process remembers.
 const ACKED_MEMORY: usize = 100_000;
@@ -96,7 +100,9 @@ pub struct RedisBroker {
     ack_script: Script,
 }
 
+/// Every failed Redis command passes here, so this is where `redis_errors` counts them.
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    metrics().redis_errors.inc();
     BrokerError::Unavailable(e.to_string())
 }
 
@@ -259,6 +265,7 @@ impl RedisBroker {
             .await
             .map_err(unavailable)?;
         let attempt = pending.ids.first().map_or(2, |p| p.times_delivered);
+        metrics().jobs_reclaimed.inc();
         Ok(Some(self.delivery(
             &entry,
             u32::try_from(attempt).unwrap_or(u32::MAX),
@@ -297,6 +304,7 @@ impl RedisBroker {
             .await
             .map_err(unavailable)?;
         tracing::error!(chat_id = %delivery.job.chat_id, attempts = delivery.attempt, "job dead-lettered");
+        metrics().jobs_dead_lettered.inc();
         let event = ServerEvent::error(
             ErrorCode::AiError,
             "The message could not be answered; it was set aside",
@@ -392,12 +400,11 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         // Frames are JSON, which never holds a raw newline: newline-separated frames split
-        // back exactly on the receiving gateway.
-        let mut payload = String::new();
+        // back exactly on the receiving gateway. The first line is the publish time (for the
+        // `token_delivery_seconds` metric).
+        let mut payload = format!("{STAMP}{}", chrono::Utc::now().timestamp_micros());
         for event in events {
-            if !payload.is_empty() {
-                payload.push('\n');
-            }
+            payload.push('\n');
             payload.push_str(&event.to_frame());
         }
         let mut c = self.conn();
@@ -574,6 +581,18 @@ fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg
         return;
     };
     let mut rest = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
+    if rest.starts_with(STAMP.as_bytes()) {
+        let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+        let stamp = rest.split_to(end);
+        rest = rest.split_off(usize::from(!rest.is_empty()));
+        let published = std::str::from_utf8(&stamp[STAMP.len()..])
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .and_then(chrono::DateTime::from_timestamp_micros);
+        if let Some(t) = published {
+            metrics().token_delivery.observe(seconds_since(t));
+        }
+    }
     while !rest.is_empty() {
         let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
         let frame = rest.split_to(end);

@@ -45,7 +45,9 @@ pub struct RedisLimits {
     window: Script,
 }
 
+/// Every failed Redis command passes here, so this is where `redis_errors` counts them.
 fn err(e: impl std::fmt::Display) -> LimitsError {
+    crate::metrics::metrics().redis_errors.inc();
     LimitsError(e.to_string())
 }
 

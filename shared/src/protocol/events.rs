@@ -147,10 +147,26 @@ impl ServerEvent {
     }
 }
 
+/// Whether a frame made by [`ServerEvent::to_frame`] is a token (serde writes the tag first), so
+/// a gateway can count tokens without parsing what it forwards.
+pub fn is_token_frame(frame: &Frame) -> bool {
+    frame.starts_with(r#"{"event_type":"message_stream_token""#)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn token_frames_are_told_apart_without_parsing() {
+        let chat = uuid::Uuid::nil();
+        assert!(is_token_frame(&ServerEvent::token(chat, "hi").to_frame()));
+        let pong = ServerEvent::Pong {
+            timestamp: chrono::Utc::now(),
+        };
+        assert!(!is_token_frame(&pong.to_frame()));
+    }
 
     #[test]
     fn events_carry_the_seed_field_names() -> Result<(), serde_json::Error> {

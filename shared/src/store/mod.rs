@@ -39,7 +39,7 @@ const SELECT_USAGE: &str = "SELECT day, messages, prompt_tokens, completion_toke
 pub enum StoreError {
     /// The database refused or could not be reached.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     /// Applying the schema failed.
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -49,6 +49,14 @@ pub enum StoreError {
     /// The database URL names no supported backend.
     #[error("unsupported database url (expected sqlite://… or postgres://…): {0}")]
     UnsupportedUrl(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    /// Every failed statement passes here, so this is where `database_errors` counts them.
+    fn from(e: sqlx::Error) -> Self {
+        crate::metrics::metrics().database_errors.inc();
+        Self::Database(e)
+    }
 }
 
 /// Result alias for store calls.

@@ -71,6 +71,17 @@ pub enum ProviderError {
     Timeout(&'static str),
 }
 
+impl ProviderError {
+    /// The failure's kind, as the `model_errors` metric labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UnknownProvider(_) => "unknown_provider",
+            Self::Failed(_) => "failed",
+            Self::Timeout(_) => "timeout",
+        }
+    }
+}
+
 /// The answer stream of one call.
 pub type AnswerStream = BoxStream<'static, Result<StreamItem, ProviderError>>;
 
