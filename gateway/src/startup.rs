@@ -51,6 +51,7 @@ impl Application {
         let (metrics, metrics_port) = shared::metrics::serve(&config.metrics_bind)
             .with_context(|| format!("binding the metrics server to {}", config.metrics_bind))?;
         let state = AppState::new(store, broker, limits, Arc::new(config), tenants, shutdown);
+        let drain_secs = state.config.drain_timeout_secs;
         let workers = match state.config.http_workers {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
@@ -71,7 +72,8 @@ impl Application {
         .workers(workers)
         .listen(listener)?
         .disable_signals()
-        .shutdown_timeout(5)
+        // Sockets streaming an answer close when it ends, within the drain timeout.
+        .shutdown_timeout(drain_secs + 2)
         .run();
         Ok(Self {
             port,
@@ -108,7 +110,9 @@ impl Application {
     }
 }
 
-/// Stops an [`Application`]: not ready, sockets told to reconnect (1012), tasks ended.
+/// Stops an [`Application`]: not ready, no new connections; idle sockets are told to reconnect
+/// (1012) at once, sockets streaming an answer once it ends (within `drain_timeout_secs`); then
+/// every task ends.
 #[derive(Clone)]
 pub struct Stopper {
     handle: actix_web::dev::ServerHandle,
@@ -124,7 +128,8 @@ impl Stopper {
         self.handle.stop(true).await;
         // Scraped until the end, so the drain shows on dashboards.
         self.metrics.stop(true).await;
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.state.shutdown.stop()).await;
+        let drain = Duration::from_secs(self.state.config.drain_timeout_secs + 5);
+        let _ = tokio::time::timeout(drain, self.state.shutdown.stop()).await;
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Config {
     pub http_workers: usize,
     /// On first start with an empty store, create a `default` tenant and print its key once.
     pub bootstrap_tenant: bool,
+    /// Seconds a stopping gateway lets answers being streamed to its sockets finish before it
+    /// closes them with 1012 (`PARLEY_DRAIN_TIMEOUT_SECS`); idle sockets close at once.
+    pub drain_timeout_secs: u64,
     /// Protocol limits that are the same for every tenant.
     pub limits: LimitsConfig,
     /// The in-process or stand-alone worker.
@@ -110,6 +113,7 @@ impl Default for Config {
             log: "info".into(),
             http_workers: 0,
             bootstrap_tenant: true,
+            drain_timeout_secs: 30,
             limits: LimitsConfig::default(),
             worker: WorkerConfig::default(),
             cluster: ClusterConfig::default(),

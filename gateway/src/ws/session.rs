@@ -5,7 +5,8 @@
 //! socket that falls more than `chat_buffer` events behind is sent `SLOW_CONSUMER` and closed.
 //! Heartbeats: a WebSocket ping every `heartbeat_interval_secs`; a socket silent for
 //! `idle_timeout_secs` (no frame at all, pongs included) is closed with 1000 "idle timeout".
-//! Shutdown closes with 1012 so that clients reconnect to another gateway.
+//! Shutdown closes with 1012 so that clients reconnect to another gateway: at once for an idle
+//! socket, after the answer it is streaming ends for a busy one (within `drain_timeout_secs`).
 
 use std::{
     num::NonZeroU32,
@@ -21,7 +22,7 @@ use chrono::Utc;
 use governor::{Quota, RateLimiter, clock::Clock, clock::DefaultClock};
 use serde_json::{Map, Value};
 use shared::protocol::{
-    ClientFrame, ErrorCode, ErrorDetails, FrameError, Job, ServerEvent, is_token_frame,
+    ClientFrame, ErrorCode, ErrorDetails, Frame, FrameError, Job, ServerEvent, frame_event_type,
     parse_client_frame,
 };
 
@@ -77,6 +78,26 @@ struct Connection {
     session: Session,
     limiter: MessageLimiter,
     _open: OpenSocket,
+}
+
+/// What a forwarded event means to the socket's own bookkeeping.
+enum Forwarded {
+    Token,
+    Started,
+    /// The answer ended, completely or with an error.
+    Ended,
+    Other,
+}
+
+impl Forwarded {
+    fn of(frame: &Frame) -> Self {
+        match frame_event_type(frame) {
+            Some("message_stream_token") => Self::Token,
+            Some("message_stream_started") => Self::Started,
+            Some("message_stream_ended" | "error") => Self::Ended,
+            _ => Self::Other,
+        }
+    }
 }
 
 /// Counts the socket in `open_sockets` while it lives.
@@ -168,19 +189,45 @@ impl Connection {
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut last_seen = Instant::now();
         let stop = self.state.shutdown.token.clone();
+        let drain = Duration::from_secs(self.state.config.drain_timeout_secs);
+        // Whether an answer is streaming to this socket (a chat's answers never overlap).
+        let mut streaming = false;
+        // Set once the gateway stops: the socket then lives until its answer ends, or this.
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let restart = || close(CloseCode::Restart, "server restarting; reconnect");
         loop {
             let flow = tokio::select! {
-                () = stop.cancelled() => return Some(close(CloseCode::Restart, "server restarting; reconnect")),
+                () = stop.cancelled(), if deadline.is_none() => {
+                    if !streaming {
+                        return Some(restart());
+                    }
+                    deadline = Some(tokio::time::Instant::now() + drain);
+                    ControlFlow::Continue(())
+                }
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    return Some(restart());
+                }
                 event = events.recv() => match event {
-                    Some(frame) => match (is_token_frame(&frame), self.session.text(frame).await) {
-                        (token, Ok(())) => {
-                            if token {
+                    Some(frame) => {
+                        let forwarded = Forwarded::of(&frame);
+                        if self.session.text(frame).await.is_err() {
+                            return None;
+                        }
+                        match forwarded {
+                            Forwarded::Token => {
                                 metrics().tokens_forwarded.inc();
                             }
-                            ControlFlow::Continue(())
+                            Forwarded::Started => streaming = true,
+                            Forwarded::Ended => {
+                                streaming = false;
+                                if deadline.is_some() {
+                                    return Some(restart());
+                                }
+                            }
+                            Forwarded::Other => {}
                         }
-                        (_, Err(_)) => return None,
-                    },
+                        ControlFlow::Continue(())
+                    }
                     None => {
                         let slow = ServerEvent::error(ErrorCode::SlowConsumer, "Too many unread events; closing");
                         let _ = Box::pin(self.send(slow)).await;

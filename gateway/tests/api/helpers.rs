@@ -401,17 +401,25 @@ impl Ws {
 
     /// Waits for the close frame; returns its code and reason.
     pub async fn closed(&mut self) -> (u16, String) {
+        let (_, code, reason) = self.events_then_close().await;
+        (code, reason)
+    }
+
+    /// The events up to the close frame, and the close's code and reason.
+    pub async fn events_then_close(&mut self) -> (Vec<Value>, u16, String) {
+        let mut seen = Vec::new();
         loop {
             let msg = tokio::time::timeout(WAIT, self.inner.next())
                 .await
                 .expect("close in time");
             match msg {
                 Some(Ok(Message::Close(Some(frame)))) => {
-                    return (u16::from(frame.code), frame.reason.to_string());
+                    return (seen, u16::from(frame.code), frame.reason.to_string());
                 }
                 Some(Ok(Message::Close(None))) | None => {
-                    return (u16::from(CloseCode::Status), String::new());
+                    return (seen, u16::from(CloseCode::Status), String::new());
                 }
+                Some(Ok(Message::Text(t))) => seen.push(serde_json::from_str(&t).expect("json")),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => panic!("socket error before close: {e}"),
             }

@@ -1,4 +1,4 @@
-//! What operators watch: the Prometheus `/metrics` endpoint.
+//! What operators rely on: the Prometheus `/metrics` endpoint and a gateway's drain.
 
 use serde_json::json;
 
@@ -71,5 +71,35 @@ async fn metrics_show_sockets_refusals_messages_and_tokens_after_traffic() -> Te
         !text.contains(&chat) && !text.contains(&app.api_key),
         "no ids or keys in labels"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stopping_gateway_cuts_a_stream_longer_than_its_drain_timeout() -> TestResult {
+    let app = spawn_with(|c| c.drain_timeout_secs = 1).await;
+    let key = app
+        .tenant_with(json!({"agent": {"options": {"reply_tokens": 100, "token_delay_ms": 100}}}))
+        .await;
+    let chat = app.chat_as(&key, "u1").await;
+    let mut ws = app.ws(&key, "u1", &chat).await;
+    ws.next().await;
+    ws.send_json(json!({"content": "a long one"})).await;
+    ws.until("message_stream_token").await;
+    let stopping = tokio::spawn(async move {
+        app.stop().await;
+        app
+    });
+    let (events, code, reason) = ws.events_then_close().await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (1012, "server restarting; reconnect")
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["event_type"] != "message_stream_ended"),
+        "a 10 s answer cannot end within a 1 s drain"
+    );
+    drop(stopping.await?);
     Ok(())
 }

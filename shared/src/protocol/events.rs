@@ -147,10 +147,11 @@ impl ServerEvent {
     }
 }
 
-/// Whether a frame made by [`ServerEvent::to_frame`] is a token (serde writes the tag first), so
-/// a gateway can count tokens without parsing what it forwards.
-pub fn is_token_frame(frame: &Frame) -> bool {
-    frame.starts_with(r#"{"event_type":"message_stream_token""#)
+/// The `event_type` of a frame made by [`ServerEvent::to_frame`] (serde writes the tag first),
+/// so a gateway can tell what it forwards without parsing it.
+pub fn frame_event_type(frame: &Frame) -> Option<&str> {
+    let rest = frame.strip_prefix(r#"{"event_type":""#)?;
+    rest.split_once('"').map(|(event_type, _)| event_type)
 }
 
 #[cfg(test)]
@@ -159,13 +160,14 @@ mod tests {
     use serde_json::{Value, json};
 
     #[test]
-    fn token_frames_are_told_apart_without_parsing() {
+    fn frames_tell_their_event_type_without_parsing() {
         let chat = uuid::Uuid::nil();
-        assert!(is_token_frame(&ServerEvent::token(chat, "hi").to_frame()));
+        let token = ServerEvent::token(chat, "hi").to_frame();
+        assert_eq!(frame_event_type(&token), Some("message_stream_token"));
         let pong = ServerEvent::Pong {
             timestamp: chrono::Utc::now(),
         };
-        assert!(!is_token_frame(&pong.to_frame()));
+        assert_eq!(frame_event_type(&pong.to_frame()), Some("pong"));
     }
 
     #[test]

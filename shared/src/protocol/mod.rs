@@ -9,5 +9,5 @@ mod job;
 
 pub use client::{ClientFrame, FrameError, parse_client_frame, validate_user_id};
 pub use errors::{ErrorCode, ErrorDetails};
-pub use events::{Frame, ServerEvent, Usage, is_token_frame};
+pub use events::{Frame, ServerEvent, Usage, frame_event_type};
 pub use job::{Job, message_id};
