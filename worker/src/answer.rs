@@ -48,11 +48,22 @@ impl Outcome {
     }
 }
 
-/// Forwards cancel requests to the answer in progress on that chat, if any.
-pub async fn listen_for_cancels(ctx: Arc<Context>) {
+/// Forwards cancel requests to the answer in progress on that chat, if any, until the worker
+/// stops and its last answer is done (a client may still cancel an answer a stopping worker
+/// finishes).
+pub async fn listen_for_cancels(ctx: Arc<Context>, stop: shared::shutdown::CancellationToken) {
     let mut cancels = ctx.broker.cancels();
+    let drained = async {
+        stop.cancelled().await;
+        crate::answers_done(&ctx.answering).await;
+    };
+    tokio::pin!(drained);
     loop {
-        match cancels.recv().await {
+        let cancel = tokio::select! {
+            () = &mut drained => return,
+            cancel = cancels.recv() => cancel,
+        };
+        match cancel {
             Ok(chat_id) => {
                 if let Some(token) = ctx.active.get(&chat_id) {
                     token.cancel();

@@ -46,6 +46,13 @@ pub struct Context {
     pub config: WorkerConfig,
 }
 
+/// Resolves once no answer is in progress (polled: it only runs while a worker stops).
+async fn answers_done(answering: &std::sync::atomic::AtomicUsize) {
+    while answering.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A worker bound to a store and a broker.
 pub struct Worker {
     ctx: Arc<Context>,
@@ -73,8 +80,8 @@ impl Worker {
     /// progress finish (see [`dispatch`]); `Shutdown::stop` waits for them, so bound it by the
     /// drain timeout. Spawns its tasks on `shutdown`.
     pub async fn run(self, shutdown: shared::shutdown::Shutdown) {
-        let cancels = answer::listen_for_cancels(self.ctx.clone());
-        shutdown.spawn(cancels);
+        let cancels = answer::listen_for_cancels(self.ctx.clone(), shutdown.token.clone());
+        shutdown.tracker.spawn(cancels);
         let (usage, store) = (self.ctx.usage.clone(), self.ctx.store.clone());
         usage::start_flushing(usage, store, self.ctx.answering.clone(), &shutdown);
         dispatch::run(self.ctx, shutdown).await;

@@ -7,10 +7,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicUsize},
     time::Duration,
 };
 
@@ -89,9 +86,7 @@ pub fn start_flushing(
                 _ = tick.tick() => meter.flush(store.as_ref()).await,
             }
         }
-        while busy.load(Ordering::Acquire) > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::answers_done(&busy).await;
         meter.flush(store.as_ref()).await;
     });
 }

@@ -312,6 +312,29 @@ async fn a_stopping_gateway_finishes_streams_then_sends_clients_elsewhere() -> T
     Ok(())
 }
 
+#[tokio::test]
+async fn a_stopping_worker_still_hears_a_cancel() -> TestResult {
+    let db = TestDb::postgres().await;
+    let gw = start(&db.url, use_redis).await;
+    gw.stop_worker().await;
+    let key = gw
+        .tenant_with(json!({"agent": {"options": {"reply_tokens": 100, "token_delay_ms": 50}}}))
+        .await;
+    let chat = gw.chat_as(&key, "u1").await;
+    let mut worker = Node::spawn("worker", &db.url);
+    let mut ws = gw.ws(&key, "u1", &chat).await;
+    ws.next().await;
+    ws.send_json(json!({"content": "stop when I say"})).await;
+    ws.until("message_stream_token").await;
+    let exited = tokio::task::spawn_blocking(move || worker.terminate(Duration::from_secs(15)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send_json(json!({"type": "cancel"})).await;
+    let ended = ws.until("message_stream_ended").await;
+    assert_eq!(ended.last().unwrap()["finish_reason"], "cancelled");
+    assert!(exited.await?, "the worker exits once its answer is done");
+    Ok(())
+}
+
 async fn ready(app: &TestApp) -> u16 {
     match app.http.get(app.url("/readyz")).send().await {
         Ok(r) => r.status().as_u16(),
