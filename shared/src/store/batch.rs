@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::{Map, Value};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
@@ -30,64 +30,36 @@ pub const MAX_BATCH: usize = 512;
 /// The outcome of one insert: `Ok(false)` when a row with its `reply_to` already exists.
 pub type RowResult = Result<bool, sqlx::Error>;
 
-/// One row of `messages`.
-pub struct NewRow {
-    pub id: String,
-    pub chat_id: Uuid,
-    pub role: Role,
-    pub user_id: String,
-    pub content: String,
-    pub metadata: Map<String, Value>,
-    pub reply_to: Option<String>,
-    pub created_at: DateTime<Utc>,
+/// A new user message, stamped now.
+fn user_message(
+    chat_id: Uuid,
+    user_id: &str,
+    content: &str,
+    metadata: &Map<String, Value>,
+) -> Message {
+    Message {
+        id: crate::protocol::message_id(),
+        chat_id,
+        role: Role::User,
+        user_id: user_id.to_owned(),
+        content: content.to_owned(),
+        metadata: metadata.clone(),
+        reply_to: None,
+        created_at: Utc::now(),
+    }
 }
 
-impl NewRow {
-    /// A new user message, stamped now.
-    pub fn user(
-        chat_id: Uuid,
-        user_id: &str,
-        content: &str,
-        metadata: &Map<String, Value>,
-    ) -> Self {
-        Self {
-            id: crate::protocol::message_id(),
-            chat_id,
-            role: Role::User,
-            user_id: user_id.to_owned(),
-            content: content.to_owned(),
-            metadata: metadata.clone(),
-            reply_to: None,
-            created_at: Utc::now(),
-        }
-    }
-
-    /// The row of an answer, stamped now.
-    pub fn answer(a: &NewAnswer) -> Self {
-        Self {
-            id: a.id.clone(),
-            chat_id: a.chat_id,
-            role: Role::Assistant,
-            user_id: a.user_id.clone(),
-            content: a.content.clone(),
-            metadata: a.metadata.clone(),
-            reply_to: Some(a.reply_to.clone()),
-            created_at: Utc::now(),
-        }
-    }
-
-    /// The message this row stores.
-    pub fn to_message(&self) -> Message {
-        Message {
-            id: self.id.clone(),
-            chat_id: self.chat_id,
-            role: self.role,
-            user_id: self.user_id.clone(),
-            content: self.content.clone(),
-            metadata: self.metadata.clone(),
-            reply_to: self.reply_to.clone(),
-            created_at: self.created_at,
-        }
+/// The message of an answer, stamped now.
+fn answer_message(a: &NewAnswer) -> Message {
+    Message {
+        id: a.id.clone(),
+        chat_id: a.chat_id,
+        role: Role::Assistant,
+        user_id: a.user_id.clone(),
+        content: a.content.clone(),
+        metadata: a.metadata.clone(),
+        reply_to: Some(a.reply_to.clone()),
+        created_at: Utc::now(),
     }
 }
 
@@ -96,11 +68,11 @@ impl NewRow {
 pub trait CommitRows: Send + Sync + 'static {
     /// Inserts `rows`, returning one outcome per row, in order. A row that fails (its chat was
     /// deleted meanwhile) should fail alone.
-    async fn commit(&self, rows: &[NewRow]) -> Vec<RowResult>;
+    async fn commit(&self, rows: &[Message]) -> Vec<RowResult>;
 }
 
 struct Request {
-    row: NewRow,
+    row: Message,
     done: oneshot::Sender<RowResult>,
 }
 
@@ -124,7 +96,7 @@ impl Writer {
     }
 
     /// Inserts a row once its batch commits.
-    pub async fn insert(&self, row: NewRow) -> RowResult {
+    async fn insert(&self, row: Message) -> RowResult {
         let (done, result) = oneshot::channel();
         self.tx
             .send(Request { row, done })
@@ -141,15 +113,14 @@ impl Writer {
         content: &str,
         metadata: &Map<String, Value>,
     ) -> Result<Message, sqlx::Error> {
-        let row = NewRow::user(chat_id, user_id, content, metadata);
-        let message = row.to_message();
-        self.insert(row).await?;
+        let message = user_message(chat_id, user_id, content, metadata);
+        self.insert(message.clone()).await?;
         Ok(message)
     }
 
     /// Saves an answer; `Ok(false)` when its message already has one.
     pub async fn add_answer(&self, answer: &NewAnswer) -> RowResult {
-        self.insert(NewRow::answer(answer)).await
+        self.insert(answer_message(answer)).await
     }
 
     /// A handle that does not keep the lanes alive (for tasks that should end with the store).

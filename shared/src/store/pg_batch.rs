@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use sqlx::{PgPool, types::Json};
 use uuid::Uuid;
 
-use super::batch::{CommitRows, NewRow, RowResult};
+use super::Message;
+use super::batch::{CommitRows, RowResult};
 
 /// Inserts a message and bumps its chat's counters; affects one row, or none when `reply_to`
 /// already has an answer.
@@ -43,7 +44,7 @@ pub struct PgRows(pub PgPool);
 
 #[async_trait]
 impl CommitRows for PgRows {
-    async fn commit(&self, rows: &[NewRow]) -> Vec<RowResult> {
+    async fn commit(&self, rows: &[Message]) -> Vec<RowResult> {
         if let [only] = rows {
             return vec![insert_one(&self.0, only).await];
         }
@@ -62,7 +63,7 @@ impl CommitRows for PgRows {
 }
 
 /// Inserts one row.
-pub async fn insert_one(pool: &PgPool, m: &NewRow) -> RowResult {
+pub async fn insert_one(pool: &PgPool, m: &Message) -> RowResult {
     let done = sqlx::query(INSERT_MESSAGE)
         .bind(&m.id)
         .bind(m.chat_id)
@@ -79,7 +80,7 @@ pub async fn insert_one(pool: &PgPool, m: &NewRow) -> RowResult {
 
 async fn insert_batch(
     pool: &PgPool,
-    rows: &[NewRow],
+    rows: &[Message],
 ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
     let mut chats: Vec<Uuid> = rows.iter().map(|r| r.chat_id).collect();
     chats.sort_unstable();
@@ -109,6 +110,6 @@ async fn insert_batch(
 }
 
 /// A row's metadata as JSON text (a map of JSON values always serializes).
-fn metadata_text(r: &NewRow) -> String {
+fn metadata_text(r: &Message) -> String {
     serde_json::to_string(&r.metadata).unwrap_or_else(|_| "{}".to_owned())
 }

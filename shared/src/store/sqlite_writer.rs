@@ -15,7 +15,8 @@
 use async_trait::async_trait;
 use sqlx::{SqlitePool, types::Json};
 
-use super::batch::{CommitRows, NewRow, RowResult, WeakWriter, copy_error};
+use super::Message;
+use super::batch::{CommitRows, RowResult, WeakWriter, copy_error};
 
 /// How often the WAL is checkpointed into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -27,7 +28,7 @@ pub struct SqliteRows(pub SqlitePool);
 impl CommitRows for SqliteRows {
     /// Runs the batch in one transaction. A batch of one runs as a plain autocommit statement:
     /// one round trip to SQLite's thread instead of three.
-    async fn commit(&self, rows: &[NewRow]) -> Vec<RowResult> {
+    async fn commit(&self, rows: &[Message]) -> Vec<RowResult> {
         if let [only] = rows {
             return vec![insert(&self.0, only).await];
         }
@@ -63,7 +64,7 @@ pub async fn checkpoint(pool: SqlitePool, alive: WeakWriter) {
     }
 }
 
-async fn insert<'c, E>(executor: E, r: &NewRow) -> RowResult
+async fn insert<'c, E>(executor: E, r: &Message) -> RowResult
 where
     E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
 {
