@@ -22,16 +22,16 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bytestring::ByteString;
 use dashmap::DashMap;
-use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, streams::StreamReadReply};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
+mod pubsub;
+
 use super::{Broker, BrokerError, Delivery, Hub, Subscription};
-use crate::metrics::{metrics, seconds_since};
+use crate::metrics::metrics;
 use crate::protocol::{ErrorCode, Job, ServerEvent};
 
 const GROUP: &str = "workers";
@@ -113,7 +113,7 @@ impl RedisBroker {
         let redis = crate::redis_conn::Redis::new(&cfg.url).map_err(unavailable)?;
         let (control, control_rx) = mpsc::unbounded_channel();
         let (emptied, emptied_rx) = mpsc::unbounded_channel();
-        tokio::spawn(forward_emptied(emptied_rx, control.downgrade()));
+        tokio::spawn(pubsub::forward_emptied(emptied_rx, control.downgrade()));
         let broker = Arc::new(Self {
             redis,
             hub: Hub::with_listener(cfg.chat_buffer, emptied),
@@ -137,7 +137,11 @@ impl RedisBroker {
         });
         broker.create_group().await?;
         let client = redis::Client::open(broker.cfg.url.as_str()).map_err(unavailable)?;
-        tokio::spawn(subscriber(Arc::downgrade(&broker), client, control_rx));
+        tokio::spawn(pubsub::subscriber(
+            Arc::downgrade(&broker),
+            client,
+            control_rx,
+        ));
         tokio::spawn(keep_fresh(Arc::downgrade(&broker)));
         Ok(broker)
     }
@@ -471,137 +475,5 @@ async fn keep_fresh(broker: Weak<RedisBroker>) {
         }
         drop(b);
         tokio::time::sleep(period).await;
-    }
-}
-
-/// Turns the hub's "chat emptied" reports into subscriber requests.
-async fn forward_emptied(
-    mut emptied: mpsc::UnboundedReceiver<Uuid>,
-    control: mpsc::WeakUnboundedSender<Control>,
-) {
-    while let Some(chat) = emptied.recv().await {
-        let Some(control) = control.upgrade() else {
-            return;
-        };
-        let _ = control.send(Control::Emptied(chat));
-    }
-}
-
-/// The process's one pub/sub connection: forwards chat events into the hub and cancels to the
-/// workers; subscribes and unsubscribes chats as sockets come and go; reconnects and
-/// resubscribes every chat of the hub after a lost connection. Requests are handled in order,
-/// so a socket's subscribe request is answered only once its chat's channel is live.
-async fn subscriber(
-    broker: Weak<RedisBroker>,
-    client: redis::Client,
-    mut control: mpsc::UnboundedReceiver<Control>,
-) {
-    let mut pending: Option<Control> = None;
-    loop {
-        let Some(b) = broker.upgrade() else { return };
-        let (prefix, cancel_channel) = (b.key("chat:"), b.key("cancel"));
-        let chats = b.hub.chat_ids();
-        drop(b);
-        let pubsub = match client.get_async_pubsub().await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "redis pub/sub unavailable; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        let (mut sink, mut stream) = pubsub.split();
-        let mut live: std::collections::HashSet<Uuid> = chats.iter().copied().collect();
-        let mut channels: Vec<String> = chats.iter().map(|c| format!("{prefix}{c}")).collect();
-        channels.push(cancel_channel.clone());
-        if sink.subscribe(&channels).await.is_err() {
-            continue;
-        }
-        loop {
-            let request = match pending.take() {
-                Some(r) => r,
-                None => tokio::select! {
-                    msg = stream.next() => {
-                        let Some(msg) = msg else { break };
-                        let Some(b) = broker.upgrade() else { return };
-                        deliver(&b, &prefix, &cancel_channel, &msg);
-                        continue;
-                    }
-                    request = control.recv() => match request {
-                        Some(r) => r,
-                        None => return,
-                    },
-                },
-            };
-            let (chat, wanted) = match &request {
-                Control::Subscribe(chat, _) => (*chat, true),
-                Control::Emptied(chat) => {
-                    let Some(b) = broker.upgrade() else { return };
-                    (*chat, b.hub.has_subscribers(*chat))
-                }
-            };
-            let channel = format!("{prefix}{chat}");
-            let applied = match (wanted, live.contains(&chat)) {
-                (true, false) => sink
-                    .subscribe(&channel)
-                    .await
-                    .map(|()| live.insert(chat))
-                    .map(drop),
-                (false, true) => sink
-                    .unsubscribe(&channel)
-                    .await
-                    .map(|()| live.remove(&chat))
-                    .map(drop),
-                _ => Ok(()),
-            };
-            if applied.is_err() {
-                pending = Some(request);
-                break;
-            }
-            if let Control::Subscribe(_, done) = request {
-                let _ = done.send(());
-            }
-        }
-        tracing::warn!("redis pub/sub connection lost; reconnecting");
-    }
-}
-
-fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg) {
-    let channel = msg.get_channel_name();
-    if channel == cancel_channel {
-        if let Ok(chat) = std::str::from_utf8(msg.get_payload_bytes()).map(Uuid::parse_str) {
-            let _ = chat.map(|c| b.cancels.send(c));
-        }
-        return;
-    }
-    let Some(chat) = channel
-        .strip_prefix(prefix)
-        .and_then(|c| Uuid::parse_str(c).ok())
-    else {
-        return;
-    };
-    let mut rest = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
-    if rest.starts_with(STAMP.as_bytes()) {
-        let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-        let stamp = rest.split_to(end);
-        rest = rest.split_off(usize::from(!rest.is_empty()));
-        let published = std::str::from_utf8(&stamp[STAMP.len()..])
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .and_then(chrono::DateTime::from_timestamp_micros);
-        if let Some(t) = published {
-            metrics().token_delivery.observe(seconds_since(t));
-        }
-    }
-    while !rest.is_empty() {
-        let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-        let frame = rest.split_to(end);
-        if !rest.is_empty() {
-            rest = rest.split_off(1);
-        }
-        // Each piece is a whole JSON text, so valid UTF-8 on its own.
-        if let Ok(frame) = ByteString::try_from(frame) {
-            b.hub.send(chat, frame);
-        }
     }
 }
