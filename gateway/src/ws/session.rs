@@ -193,18 +193,19 @@ impl Connection {
         // Whether an answer is streaming to this socket (a chat's answers never overlap).
         let mut streaming = false;
         // Set once the gateway stops: the socket then lives until its answer ends, or this.
-        let mut deadline: Option<tokio::time::Instant> = None;
+        // Boxed: an idle socket's task then carries a pointer, not a timer.
+        let mut drain_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let restart = || close(CloseCode::Restart, "server restarting; reconnect");
         loop {
             let flow = tokio::select! {
-                () = stop.cancelled(), if deadline.is_none() => {
+                () = stop.cancelled(), if drain_timer.is_none() => {
                     if !streaming {
                         return Some(restart());
                     }
-                    deadline = Some(tokio::time::Instant::now() + drain);
+                    drain_timer = Some(Box::pin(tokio::time::sleep(drain)));
                     ControlFlow::Continue(())
                 }
-                () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                () = async { if let Some(t) = drain_timer.as_mut() { t.await } }, if drain_timer.is_some() => {
                     return Some(restart());
                 }
                 event = events.recv() => match event {
@@ -220,7 +221,7 @@ impl Connection {
                             Forwarded::Started => streaming = true,
                             Forwarded::Ended => {
                                 streaming = false;
-                                if deadline.is_some() {
+                                if drain_timer.is_some() {
                                     return Some(restart());
                                 }
                             }
