@@ -13,7 +13,7 @@ export PARLEY_ADMIN_TOKEN=smoke RELEASE=0 PARLEY_LOG=warn
 log=$(mktemp)
 setsid deploy/run-local.sh 2 2 > "$log" 2>&1 &
 topology=$!
-trap 'kill -TERM -- -$topology 2>/dev/null; wait $topology 2>/dev/null; rm -f "$log" "$log".*' EXIT
+trap 'kill -TERM -- -$topology 2>/dev/null || true; wait $topology 2>/dev/null || true; rm -f "$log" "$log".*' EXIT
 for _ in $(seq 600); do grep -q "^gateways:" "$log" && break; sleep 0.5; done
 grep -q "^gateways:" "$log" || { cat "$log"; echo "the topology did not start" >&2; exit 1; }
 loads=()
