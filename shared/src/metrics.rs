@@ -32,8 +32,30 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
-/// The kinds of model failure.
-pub const MODEL_ERROR_KINDS: [&str; 3] = ["timeout", "failed", "unknown_provider"];
+/// The kinds of model failure (the `kind` label of `model_errors`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelErrorKind {
+    /// The model took longer than its time limit.
+    Timeout,
+    /// The model failed.
+    Failed,
+    /// The tenant's agent names a provider the worker does not have.
+    UnknownProvider,
+}
+
+impl ModelErrorKind {
+    /// Every kind, for series that exist from the start.
+    pub const ALL: [Self; 3] = [Self::Timeout, Self::Failed, Self::UnknownProvider];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Failed => "failed",
+            Self::UnknownProvider => "unknown_provider",
+        }
+    }
+}
 
 /// Label of a model failure.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,8 +97,7 @@ pub struct Metrics {
 
 impl Metrics {
     fn new() -> Self {
-        let mut registry = Registry::with_prefix("parley");
-        let m = Self {
+        let mut m = Self {
             open_sockets: Gauge::default(),
             connects: Family::default(),
             messages_received: Counter::default(),
@@ -92,80 +113,86 @@ impl Metrics {
             model_errors: Family::default(),
             redis_errors: Counter::default(),
             database_errors: Counter::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("parley"),
         };
-        let r = &mut registry;
+        m.register_all();
+        // Series that exist from the start, so dashboards and alerts see zeros, not gaps.
+        m.connect_count("accepted");
+        for kind in ModelErrorKind::ALL {
+            drop(m.model_errors.get_or_create(&Kind {
+                kind: kind.as_str(),
+            }));
+        }
+        m
+    }
+
+    fn register_all(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "open_sockets",
             "Sockets open on this gateway",
-            m.open_sockets.clone(),
+            self.open_sockets.clone(),
         );
         r.register(
             "socket_connects",
             "WebSocket handshakes by outcome",
-            m.connects.clone(),
+            self.connects.clone(),
         );
         r.register(
             "messages_received",
             "User messages saved and queued",
-            m.messages_received.clone(),
+            self.messages_received.clone(),
         );
         r.register(
             "tokens_forwarded",
             "Token events handed to sockets",
-            m.tokens_forwarded.clone(),
+            self.tokens_forwarded.clone(),
         );
         r.register(
             "time_to_first_token_seconds",
             "Message enqueued to first token published",
-            m.time_to_first_token.clone(),
+            self.time_to_first_token.clone(),
         );
         r.register(
             "token_delivery_seconds",
             "Token published to handed to the gateway's sockets",
-            m.token_delivery.clone(),
+            self.token_delivery.clone(),
         );
         r.register(
             "queue_depth",
             "Jobs held by this worker, not yet answering",
-            m.queue_depth.clone(),
+            self.queue_depth.clone(),
         );
         r.register(
             "queue_lag_seconds",
             "Message enqueued to taken by a worker",
-            m.queue_lag.clone(),
+            self.queue_lag.clone(),
         );
         r.register(
             "jobs_reclaimed",
             "Jobs taken over from a silent worker",
-            m.jobs_reclaimed.clone(),
+            self.jobs_reclaimed.clone(),
         );
         r.register(
             "jobs_dead_lettered",
             "Jobs dead-lettered",
-            m.jobs_dead_lettered.clone(),
+            self.jobs_dead_lettered.clone(),
         );
         r.register(
             "model_errors",
             "Failed model calls by kind",
-            m.model_errors.clone(),
+            self.model_errors.clone(),
         );
         r.register(
             "redis_errors",
             "Failed Redis commands",
-            m.redis_errors.clone(),
+            self.redis_errors.clone(),
         );
         r.register(
             "database_errors",
             "Failed database statements",
-            m.database_errors.clone(),
+            self.database_errors.clone(),
         );
-        // Series that exist from the start, so dashboards and alerts see zeros, not gaps.
-        m.connect_count("accepted");
-        for kind in MODEL_ERROR_KINDS {
-            drop(m.model_errors.get_or_create(&Kind { kind }));
-        }
-        Self { registry, ..m }
     }
 
     /// The metrics in the Prometheus text format.
@@ -186,8 +213,12 @@ impl Metrics {
     }
 
     /// Counts a model failure.
-    pub fn model_error(&self, kind: &'static str) {
-        self.model_errors.get_or_create(&Kind { kind }).inc();
+    pub fn model_error(&self, kind: ModelErrorKind) {
+        self.model_errors
+            .get_or_create(&Kind {
+                kind: kind.as_str(),
+            })
+            .inc();
     }
 }
 

@@ -33,6 +33,17 @@ pub enum RedisSetupError {
     Pool(#[from] deadpool_redis::CreatePoolError),
 }
 
+/// The multiplexed connection alone, for a user that runs no blocking command (the limits);
+/// it connects on first use.
+pub fn shared_connection(url: &str) -> Result<ConnectionManager, RedisSetupError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_max_delay(Duration::from_secs(2));
+    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+}
+
 /// A process's connections to one Redis.
 #[derive(Clone)]
 pub struct Redis {
@@ -43,12 +54,7 @@ pub struct Redis {
 impl Redis {
     /// Sets up the connections to `url`; they connect on first use.
     pub fn new(url: &str) -> Result<Self, RedisSetupError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_max_delay(Duration::from_secs(2));
-        let shared = ConnectionManager::new_lazy_with_config(client, config)?;
+        let shared = shared_connection(url)?;
         let mut pool = deadpool_redis::Config::from_url(url);
         pool.pool = Some(deadpool_redis::PoolConfig::new(POOL_SIZE));
         let pool = pool.create_pool(Some(deadpool_redis::Runtime::Tokio1))?;

@@ -100,6 +100,27 @@ impl Forwarded {
     }
 }
 
+/// Tokens written to this socket and not yet added to `tokens_forwarded`: the shared counter
+/// is bumped once per answer (and when the socket ends) rather than once per token.
+#[derive(Default)]
+struct TokenTally(u64);
+
+impl TokenTally {
+    fn flush(&mut self) {
+        if self.0 > 0 {
+            metrics()
+                .tokens_forwarded
+                .inc_by(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+impl Drop for TokenTally {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// Counts the socket in `open_sockets` while it lives.
 struct OpenSocket;
 
@@ -192,6 +213,7 @@ impl Connection {
         let drain = Duration::from_secs(self.state.config.drain_timeout_secs);
         // Whether an answer is streaming to this socket (a chat's answers never overlap).
         let mut streaming = false;
+        let mut tokens = TokenTally::default();
         // Set once the gateway stops: the socket then lives until its answer ends, or this.
         // Boxed: an idle socket's task then carries a pointer, not a timer.
         let mut drain_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
@@ -215,12 +237,11 @@ impl Connection {
                             return None;
                         }
                         match forwarded {
-                            Forwarded::Token => {
-                                metrics().tokens_forwarded.inc();
-                            }
+                            Forwarded::Token => tokens.0 += 1,
                             Forwarded::Started => streaming = true,
                             Forwarded::Ended => {
                                 streaming = false;
+                                tokens.flush();
                                 if drain_timer.is_some() {
                                     return Some(restart());
                                 }

@@ -75,7 +75,7 @@ impl RedisLimits {
         prefix: &str,
         lease_ttl: Duration,
     ) -> Result<Arc<Self>, LimitsError> {
-        let redis = crate::redis_conn::Redis::new(url).map_err(err)?.shared();
+        let redis = crate::redis_conn::shared_connection(url).map_err(err)?;
         let (releases, rx) = mpsc::unbounded_channel();
         let limits = Arc::new(Self {
             redis,

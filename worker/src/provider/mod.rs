@@ -10,6 +10,7 @@ pub mod mock;
 pub mod openai;
 pub mod sse;
 
+use shared::metrics::ModelErrorKind;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -73,11 +74,11 @@ pub enum ProviderError {
 
 impl ProviderError {
     /// The failure's kind, as the `model_errors` metric labels it.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ModelErrorKind {
         match self {
-            Self::UnknownProvider(_) => "unknown_provider",
-            Self::Failed(_) => "failed",
-            Self::Timeout(_) => "timeout",
+            Self::UnknownProvider(_) => ModelErrorKind::UnknownProvider,
+            Self::Failed(_) => ModelErrorKind::Failed,
+            Self::Timeout(_) => ModelErrorKind::Timeout,
         }
     }
 }
