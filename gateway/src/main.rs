@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use gateway::cli::{Cli, run};
-use shared::config::Config;
+use shared::{config::Config, telemetry::TraceExport};
 
 /// jemalloc, configured in `.cargo/config.toml` to return freed pages promptly: it keeps the
 /// memory of idle sockets low after connect storms.
@@ -14,6 +14,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load()?;
-    shared::telemetry::init(&config.log);
+    let export = TraceExport::from_config(config.otlp_endpoint.as_deref());
+    // Flushes the spans still queued when main returns.
+    let _telemetry = shared::telemetry::init(&config.log, export, "parley-gateway")?;
     run(cli, config).await
 }

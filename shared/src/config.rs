@@ -32,6 +32,10 @@ pub struct Config {
     pub metrics_bind: String,
     /// Log filter in `RUST_LOG` syntax (`PARLEY_LOG`).
     pub log: String,
+    /// Base URL of an OTLP/HTTP trace receiver, e.g. `http://otel-collector:4318`
+    /// (`PARLEY_OTLP_ENDPOINT`); unset exports no traces unless the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub otlp_endpoint: Option<String>,
     /// HTTP/WebSocket worker threads (`PARLEY_HTTP_WORKERS`); 0 means one per CPU core.
     pub http_workers: usize,
     /// On first start with an empty store, create a `default` tenant and print its key once.
@@ -111,6 +115,7 @@ impl Default for Config {
             redis_prefix: "parley:".into(),
             metrics_bind: "0.0.0.0:9000".into(),
             log: "info".into(),
+            otlp_endpoint: None,
             http_workers: 0,
             bootstrap_tenant: true,
             drain_timeout_secs: 30,

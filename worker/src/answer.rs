@@ -7,7 +7,9 @@
 //! stream. A message that already has a saved answer is never answered again.
 
 use shared::metrics::{metrics, seconds_since};
+use shared::telemetry::trace;
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
@@ -37,13 +39,31 @@ struct Outcome {
 }
 
 impl Outcome {
-    /// Records time to first token once the first token has been published.
-    fn published(&mut self, job: &Job) {
-        if self.tokens > 0 && !self.first_token_out {
+    /// Publishes the outbox as one broker message and empties it. The message that carries
+    /// the answer's first token also carries the trace context and records time to first
+    /// token.
+    async fn flush(&mut self, ctx: &Context, job: &Job, outbox: &mut Vec<ServerEvent>) {
+        if outbox.is_empty() {
+            return;
+        }
+        let first = self.tokens > 0 && !self.first_token_out;
+        let trace = first
+            .then(|| trace::traceparent(&tracing::Span::current()))
+            .flatten();
+        if let Err(e) = ctx
+            .broker
+            .publish_all(job.chat_id, outbox, trace.as_deref())
+            .await
+        {
+            tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish events");
+        }
+        outbox.clear();
+        if first {
             self.first_token_out = true;
             metrics()
                 .time_to_first_token
                 .observe(seconds_since(job.enqueued_at));
+            tracing::debug!(target: trace::TARGET, "first_token");
         }
     }
 }
@@ -79,6 +99,22 @@ pub async fn listen_for_cancels(ctx: Arc<Context>, stop: shared::shutdown::Cance
 /// here: the broker decides about redelivery.
 pub async fn answer(ctx: &Context, delivery: Delivery) {
     let _busy = Busy::count(&ctx.answering);
+    let job = &delivery.job;
+    let span = tracing::debug_span!(
+        target: trace::TARGET,
+        "answer",
+        otel.kind = "consumer",
+        chat.id = %job.chat_id,
+        message.id = %job.message_id,
+        attempt = delivery.attempt,
+        queue.wait_ms = (Utc::now() - job.enqueued_at).num_milliseconds(),
+        otel.status_code = tracing::field::Empty,
+    );
+    trace::follow(&span, job.trace.as_deref());
+    answer_and_ack(ctx, delivery).instrument(span).await;
+}
+
+async fn answer_and_ack(ctx: &Context, delivery: Delivery) {
     if let Err(e) = try_answer(ctx, &delivery).await {
         tracing::error!(error = %e, chat_id = %delivery.job.chat_id, "answer failed");
         let event = ServerEvent::error(ErrorCode::AiError, "The answer could not be produced");
@@ -156,10 +192,15 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
     }];
     let cancel = CancellationToken::new();
     ctx.active.insert(job.chat_id, cancel.clone());
-    let mut outcome = stream_answer(ctx, job, provider, request, &cancel, &mut outbox).await;
+    let call = tracing::debug_span!(target: trace::TARGET, "model.call", model = %model);
+    let outcome = async {
+        let mut outcome = stream_answer(ctx, job, provider, request, &cancel, &mut outbox).await;
+        outcome.flush(ctx, job, &mut outbox).await;
+        outcome
+    }
+    .instrument(call)
+    .await;
     ctx.active.remove(&job.chat_id);
-    flush(ctx, job, &mut outbox).await;
-    outcome.published(job);
     finish(ctx, job, answer_id, &model, prompt_estimate, outcome).await
 }
 
@@ -241,8 +282,7 @@ async fn stream_answer(
             }
         }
         // About to wait: what is ready goes out first.
-        flush(ctx, job, outbox).await;
-        out.published(job);
+        out.flush(ctx, job, outbox).await;
         let item = tokio::select! {
             biased;
             () = cancel.cancelled() => {
@@ -255,17 +295,6 @@ async fn stream_answer(
             return out;
         }
     }
-}
-
-/// Publishes the outbox as one broker message and empties it.
-async fn flush(ctx: &Context, job: &Job, outbox: &mut Vec<ServerEvent>) {
-    if outbox.is_empty() {
-        return;
-    }
-    if let Err(e) = ctx.broker.publish_all(job.chat_id, outbox).await {
-        tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish events");
-    }
-    outbox.clear();
 }
 
 /// Most token events carried in one broker message.
@@ -344,6 +373,7 @@ async fn finish(
                 content: out.content.clone(),
                 metadata,
             })
+            .instrument(tracing::debug_span!(target: trace::TARGET, "store.save_answer"))
             .await?;
         if saved {
             ctx.usage.add(job.tenant_id, &usage);
@@ -365,6 +395,7 @@ async fn finish(
     }
     if let Some(e) = out.error {
         metrics().model_error(e.kind());
+        tracing::Span::current().record("otel.status_code", "ERROR");
         tracing::warn!(error = %e, chat_id = %job.chat_id, "model failed");
         publish(
             ctx,

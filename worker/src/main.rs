@@ -9,12 +9,15 @@ use shared::{
     config::Config,
     shutdown::Shutdown,
     store::{self, TenantCache},
+    telemetry::TraceExport,
 };
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load()?;
-    shared::telemetry::init(&config.log);
+    let export = TraceExport::from_config(config.otlp_endpoint.as_deref());
+    // Flushes the spans still queued when main returns.
+    let _telemetry = shared::telemetry::init(&config.log, export, "parley-worker")?;
     let url = config
         .redis_url
         .clone()

@@ -30,6 +30,8 @@ use super::handshake::{self, Accepted, HandshakeParams};
 use crate::{error::ApiError, state::AppState};
 use shared::broker::Subscription;
 use shared::metrics::metrics;
+use shared::telemetry::trace;
+use tracing::Instrument as _;
 
 /// Runs a socket until it closes.
 pub async fn run(
@@ -381,16 +383,39 @@ impl Connection {
         if let Some(refusal) = self.quota_refusal().await {
             return self.send(refusal).await;
         }
+        let span = tracing::debug_span!(
+            target: trace::TARGET,
+            "message",
+            chat.id = %self.accepted.chat_id,
+            tenant.id = %self.accepted.tenant_id,
+            message.id = tracing::field::Empty,
+        );
+        // Boxed: the socket's task then carries a pointer while idle, not this future.
+        match Box::pin(self.save_and_queue(content, metadata).instrument(span)).await {
+            Ok(()) => {
+                metrics().messages_received.inc();
+                ControlFlow::Continue(())
+            }
+            Err(e) => self.send(e.to_event()).await,
+        }
+    }
+
+    /// Saves the message, then announces and queues it. Without the broker the message stays
+    /// saved but unannounced: the client is told the service is unavailable instead of
+    /// receiving `message_received`.
+    async fn save_and_queue(
+        &self,
+        content: String,
+        metadata: Map<String, Value>,
+    ) -> Result<(), ApiError> {
         let (chat_id, user_id) = (self.accepted.chat_id, self.accepted.user_id.clone());
-        let saved = match self
+        let saved = self
             .state
             .store
             .add_user_message(chat_id, &user_id, &content, &metadata)
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => return self.send(ApiError::from(e).to_event()).await,
-        };
+            .instrument(tracing::debug_span!(target: trace::TARGET, "store.save_message"))
+            .await?;
+        tracing::Span::current().record("message.id", saved.id.as_str());
         let received = ServerEvent::MessageReceived {
             timestamp: Utc::now(),
             message_id: saved.id.clone(),
@@ -398,6 +423,8 @@ impl Connection {
             user_id: user_id.clone(),
             content: content.clone(),
         };
+        let enqueue =
+            tracing::debug_span!(target: trace::TARGET, "broker.enqueue", otel.kind = "producer");
         let job = Job {
             message_id: saved.id,
             chat_id,
@@ -405,16 +432,14 @@ impl Connection {
             user_id,
             content,
             enqueued_at: Utc::now(),
+            trace: trace::traceparent(&enqueue),
         };
-        // Without the broker the message stays saved but unannounced: the client is told the
-        // service is unavailable instead of receiving `message_received`.
-        match self.state.broker.announce_and_enqueue(&received, job).await {
-            Ok(()) => {
-                metrics().messages_received.inc();
-                ControlFlow::Continue(())
-            }
-            Err(e) => self.send(ApiError::from(e).to_event()).await,
-        }
+        self.state
+            .broker
+            .announce_and_enqueue(&received, job)
+            .instrument(enqueue)
+            .await?;
+        Ok(())
     }
 
     /// The error to answer instead of taking a message, when the tenant's daily token quota

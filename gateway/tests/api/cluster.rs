@@ -17,13 +17,18 @@ use crate::{
 
 /// A gateway or worker binary of this workspace as a child process, on the test's database and
 /// Redis prefix.
-struct Node {
+pub struct Node {
     child: Child,
-    port: Option<u16>,
+    pub port: Option<u16>,
 }
 
 impl Node {
-    fn spawn(binary: &str, db_url: &str) -> Node {
+    pub fn spawn(binary: &str, db_url: &str) -> Node {
+        Self::spawn_with(binary, db_url, &[])
+    }
+
+    /// As [`Node::spawn`], with extra environment variables.
+    pub fn spawn_with(binary: &str, db_url: &str, env: &[(&str, &str)]) -> Node {
         let path = PathBuf::from(env!("CARGO_BIN_EXE_gateway")).with_file_name(binary);
         assert!(
             path.exists(),
@@ -40,6 +45,7 @@ impl Node {
             .env("PARLEY_BIND", "127.0.0.1:0")
             .env("PARLEY_METRICS_BIND", "127.0.0.1:0")
             .env("PARLEY_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -62,7 +68,7 @@ impl Node {
     }
 
     /// SIGTERM, as a rolling restart sends; true once the process has exited within `within`.
-    fn terminate(&mut self, within: Duration) -> bool {
+    pub fn terminate(&mut self, within: Duration) -> bool {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = std::time::Instant::now() + within;

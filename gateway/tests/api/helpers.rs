@@ -202,7 +202,7 @@ pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         Some(_) => Some(start_worker(&config).await),
         None => None,
     };
-    shared::telemetry::init("warn");
+    let _ = shared::telemetry::init("warn", shared::telemetry::TraceExport::Off, "parley-test");
     let app = Application::build(config).await.expect("app builds");
     let port = app.port();
     let metrics_port = app.metrics_port();

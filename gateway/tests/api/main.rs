@@ -7,6 +7,7 @@ mod cluster;
 mod helpers;
 mod models;
 mod ops;
+mod otlp;
 mod rest;
 mod servers;
 mod ws_errors;

@@ -68,11 +68,29 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, chat_id: Uuid, event: &ServerEvent) -> Result<(), BrokerError>;
     /// Sends several events of one chat, in order. A networked broker carries them in one
     /// message (tokens coalesced on the wire); sockets still get one event each.
-    async fn publish_all(&self, chat_id: Uuid, events: &[ServerEvent]) -> Result<(), BrokerError> {
-        for event in events {
-            self.publish(chat_id, event).await?;
+    ///
+    /// `first_token_trace` is set on the call that carries an answer's first token: the
+    /// `traceparent` of the publishing span, under which each gateway traces handing that
+    /// token to its sockets ([`crate::telemetry::trace::forward_first_token`]). It never
+    /// reaches a client.
+    async fn publish_all(
+        &self,
+        chat_id: Uuid,
+        events: &[ServerEvent],
+        first_token_trace: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        use tracing::Instrument as _;
+        let forwarding = first_token_trace.map_or_else(tracing::Span::none, |t| {
+            crate::telemetry::trace::forward_first_token(chat_id, t)
+        });
+        async {
+            for event in events {
+                self.publish(chat_id, event).await?;
+            }
+            Ok(())
         }
-        Ok(())
+        .instrument(forwarding)
+        .await
     }
     /// Receives the chat's events on this process until the subscription is dropped. Returns
     /// once the subscription is live, so that no event published afterwards is missed.

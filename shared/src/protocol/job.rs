@@ -20,6 +20,10 @@ pub struct Job {
     pub content: String,
     /// When the gateway queued it, for queue-lag measurements.
     pub enqueued_at: DateTime<Utc>,
+    /// W3C `traceparent` of the gateway span that queued it, when traces are exported: the
+    /// worker's spans join the message's trace (see `telemetry::trace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// A new message id in the wire form `msg-<uuid>` (UUIDv7, so ids sort by creation time).

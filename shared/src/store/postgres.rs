@@ -370,6 +370,7 @@ impl Store for PgStore {
                     user_id,
                     content,
                     enqueued_at,
+                    trace: None,
                 },
             )
             .collect())

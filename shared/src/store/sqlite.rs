@@ -371,6 +371,7 @@ impl Store for SqliteStore {
                     user_id,
                     content,
                     enqueued_at,
+                    trace: None,
                 },
             )
             .collect())

@@ -396,17 +396,27 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, chat_id: Uuid, event: &ServerEvent) -> Result<(), BrokerError> {
-        self.publish_all(chat_id, std::slice::from_ref(event)).await
+        self.publish_all(chat_id, std::slice::from_ref(event), None)
+            .await
     }
 
-    async fn publish_all(&self, chat_id: Uuid, events: &[ServerEvent]) -> Result<(), BrokerError> {
+    async fn publish_all(
+        &self,
+        chat_id: Uuid,
+        events: &[ServerEvent],
+        first_token_trace: Option<&str>,
+    ) -> Result<(), BrokerError> {
         if events.is_empty() {
             return Ok(());
         }
         // Frames are JSON, which never holds a raw newline: newline-separated frames split
-        // back exactly on the receiving gateway. The first line is the publish time (for the
-        // `token_delivery_seconds` metric).
+        // back exactly on the receiving gateway. The first line is the stamp: the publish time
+        // (for the `token_delivery_seconds` metric), then the trace context if any.
         let mut payload = format!("{STAMP}{}", chrono::Utc::now().timestamp_micros());
+        if let Some(trace) = first_token_trace {
+            payload.push(' ');
+            payload.push_str(trace);
+        }
         for event in events {
             payload.push('\n');
             payload.push_str(&event.to_frame());

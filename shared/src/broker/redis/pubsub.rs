@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::{Control, RedisBroker, STAMP};
 use crate::metrics::{metrics, seconds_since};
+use crate::telemetry::trace;
 
 /// Turns the hub's "chat emptied" reports into subscriber requests.
 pub(super) async fn forward_emptied(
@@ -119,18 +120,15 @@ fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg
         return;
     };
     let mut rest = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
-    if rest.starts_with(STAMP.as_bytes()) {
+    let stamp = if rest.starts_with(STAMP.as_bytes()) {
         let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
         let stamp = rest.split_to(end);
         rest = rest.split_off(usize::from(!rest.is_empty()));
-        let published = std::str::from_utf8(&stamp[STAMP.len()..])
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .and_then(chrono::DateTime::from_timestamp_micros);
-        if let Some(t) = published {
-            metrics().token_delivery.observe(seconds_since(t));
-        }
-    }
+        stamp
+    } else {
+        bytes::Bytes::new()
+    };
+    let _forwarding = read_stamp(&stamp).map(|t| trace::forward_first_token(chat, t).entered());
     while !rest.is_empty() {
         let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
         let frame = rest.split_to(end);
@@ -142,4 +140,19 @@ fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg
             b.hub.send(chat, frame);
         }
     }
+}
+
+/// Observes token delivery from a stamp line (`@<unix micros>[ <traceparent>]`); returns the
+/// trace context it carries, if any.
+fn read_stamp(stamp: &[u8]) -> Option<&str> {
+    let stamp = std::str::from_utf8(stamp.strip_prefix(STAMP.as_bytes())?).ok()?;
+    let (published, trace) = stamp.split_once(' ').unwrap_or((stamp, ""));
+    let published = published
+        .parse()
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_micros);
+    if let Some(t) = published {
+        metrics().token_delivery.observe(seconds_since(t));
+    }
+    (!trace.is_empty()).then_some(trace)
 }
