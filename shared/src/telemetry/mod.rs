@@ -123,31 +123,37 @@ fn resource(service: &'static str) -> Resource {
 }
 
 /// The global subscriber: the log layer under the log filter, and the OpenTelemetry layer (if
-/// any) under its own.
+/// any) under its own. Without trace export the log filter is global, so disabled spans and
+/// events are refused at their call sites before any layer sees them.
 fn install(filter: &str, provider: Option<&SdkTracerProvider>) {
     let log_filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let log = if std::io::stdout().is_terminal() {
-        fmt::layer().with_filter(log_filter).boxed()
-    } else {
-        fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_filter(log_filter)
-            .boxed()
-    };
-    let otel = provider.map(|p| {
-        let spans = Targets::new()
-            .with_target(trace::TARGET, Level::DEBUG)
-            .with_default(Level::WARN);
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("parley"))
-            .with_filter(spans)
-    });
+    let registry = tracing_subscriber::registry();
     // An Err only means a subscriber is already installed.
-    drop(
-        tracing_subscriber::registry()
-            .with(log)
-            .with(otel)
-            .try_init(),
-    );
+    let _ = match provider {
+        None => registry.with(log_filter).with(log_layer()).try_init(),
+        Some(p) => {
+            let spans = Targets::new()
+                .with_target(trace::TARGET, Level::DEBUG)
+                .with_default(Level::WARN);
+            let otel = tracing_opentelemetry::layer()
+                .with_tracer(p.tracer("parley"))
+                .with_filter(spans);
+            registry
+                .with(log_layer().with_filter(log_filter))
+                .with(otel)
+                .try_init()
+        }
+    };
+}
+
+/// JSON lines, or plain text on a terminal.
+fn log_layer<S>() -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    if std::io::stdout().is_terminal() {
+        fmt::layer().boxed()
+    } else {
+        fmt::layer().json().flatten_event(true).boxed()
+    }
 }
