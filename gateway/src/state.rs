@@ -30,8 +30,16 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// Tenants' daily token quotas.
     pub quotas: Arc<crate::quota::Quotas>,
+    /// Handshakes checked at once (see [`HANDSHAKES_IN_FLIGHT`]).
+    pub handshakes: Arc<tokio::sync::Semaphore>,
     draining: Arc<AtomicBool>,
 }
+
+/// How many WebSocket handshakes a gateway checks at once. The upgrade answers at once and the
+/// checks (key, limits, chat, user) run afterwards, so a connect storm (clients reconnecting
+/// after a restart) would otherwise hold one store query in progress, a few KiB each, per
+/// socket; the rest wait their turn in their task. The store's pool bounds the pace anyway.
+pub const HANDSHAKES_IN_FLIGHT: usize = 64;
 
 impl AppState {
     /// Assembles the state.
@@ -51,6 +59,7 @@ impl AppState {
             tenants,
             shutdown,
             quotas: Arc::default(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT)),
             draining: Arc::new(AtomicBool::new(false)),
         }
     }

@@ -34,22 +34,35 @@ use shared::telemetry::trace;
 use tracing::Instrument as _;
 
 /// Runs a socket until it closes.
-pub async fn run(
+///
+/// A plain function returning an `async move` block, and `serve` borrowing the connection:
+/// an `async fn` keeps its by-value arguments twice in its state (as arguments and as moved
+/// locals), which doubled the long-lived task of every idle socket.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would store its arguments twice"
+)]
+pub fn run(
     state: Arc<AppState>,
     params: HandshakeParams,
     session: Session,
-    stream: AggregatedMessageStream,
-) {
-    match Box::pin(handshake::accept(&state, params)).await {
-        Ok(accepted) => {
-            metrics().connect("accepted");
-            Connection::new(state, accepted, session)
-                .serve(stream)
-                .await
-        }
-        Err(err) => {
-            metrics().connect(err.code().as_str());
-            refuse(session, &err).await
+    mut stream: AggregatedMessageStream,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let accepted = {
+            let _turn = state.handshakes.acquire().await;
+            Box::pin(handshake::accept(&state, params)).await
+        };
+        match accepted {
+            Ok(accepted) => {
+                metrics().connect("accepted");
+                let mut connection = Connection::new(state, accepted, session);
+                connection.serve(&mut stream).await;
+            }
+            Err(err) => {
+                metrics().connect(err.code().as_str());
+                Box::pin(refuse(session, &err)).await;
+            }
         }
     }
 }
@@ -158,13 +171,14 @@ impl Connection {
         }
     }
 
-    async fn serve(mut self, mut stream: AggregatedMessageStream) {
+    async fn serve(&mut self, stream: &mut AggregatedMessageStream) {
         let mut events = match self.state.broker.subscribe(self.accepted.chat_id).await {
             Ok(events) => events,
             Err(e) => {
                 let _ = Box::pin(self.send(ApiError::from(e).to_event())).await;
                 let _ = Box::pin(
                     self.session
+                        .clone()
                         .close(Some(close(CloseCode::Again, "SERVICE_UNAVAILABLE"))),
                 )
                 .await;
@@ -175,9 +189,9 @@ impl Connection {
         if Box::pin(self.greet()).await.is_break() {
             return;
         }
-        let reason = self.event_loop(&mut events, &mut stream).await;
+        let reason = self.event_loop(&mut events, stream).await;
         if let Some(reason) = reason {
-            let _ = Box::pin(self.session.close(Some(reason))).await;
+            let _ = Box::pin(self.session.clone().close(Some(reason))).await;
         }
     }
 
