@@ -119,24 +119,16 @@ fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg
     else {
         return;
     };
-    let mut rest = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
-    let stamp = if rest.starts_with(STAMP.as_bytes()) {
-        let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-        let stamp = rest.split_to(end);
-        rest = rest.split_off(usize::from(!rest.is_empty()));
-        stamp
-    } else {
-        bytes::Bytes::new()
-    };
-    let _forwarding = read_stamp(&stamp).map(|t| trace::forward_first_token(chat, t).entered());
-    while !rest.is_empty() {
-        let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-        let frame = rest.split_to(end);
-        if !rest.is_empty() {
-            rest = rest.split_off(1);
-        }
-        // Each piece is a whole JSON text, so valid UTF-8 on its own.
-        if let Ok(frame) = ByteString::try_from(frame) {
+    // One copy of the payload; each frame is then a view of it.
+    let payload = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
+    let mut lines = payload.split(|b| *b == b'\n').peekable();
+    let stamp = lines.next_if(|line| line.starts_with(STAMP.as_bytes()));
+    let _forwarding = stamp
+        .and_then(read_stamp)
+        .map(|t| trace::forward_first_token(chat, t).entered());
+    for line in lines.filter(|line| !line.is_empty()) {
+        // Each line is a whole JSON text, so valid UTF-8 on its own.
+        if let Ok(frame) = ByteString::try_from(payload.slice_ref(line)) {
             b.hub.send(chat, frame);
         }
     }
