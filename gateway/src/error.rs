@@ -58,6 +58,23 @@ pub enum ApiError {
         /// Seconds until it resets.
         retry_after_secs: u64,
     },
+    /// A socket sent messages faster than its tenant's `messages_per_second`.
+    #[error("Rate limit exceeded: at most {per_second} messages per second")]
+    TooManyMessages {
+        /// The per-connection limit.
+        per_second: u32,
+        /// How long until the next message is accepted.
+        retry_after_ms: u64,
+    },
+    /// The tenant's daily token quota is spent.
+    #[error("The daily quota of {0} tokens is spent; it renews at midnight UTC")]
+    QuotaExceeded(u64),
+    /// A resume asked for events the chat log no longer holds.
+    #[error("Events after last_seq are no longer available; the chat is at seq {latest}")]
+    ResumeUnavailable {
+        /// The chat's latest `seq`.
+        latest: u64,
+    },
     /// Missing or wrong admin token (401).
     #[error("Invalid or missing admin token")]
     Unauthorized,
@@ -79,7 +96,9 @@ impl ApiError {
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::ChatInUse => ErrorCode::ChatInUse,
             Self::ConnectionLimit(_) => ErrorCode::ConnectionLimit,
-            Self::RateLimited { .. } => ErrorCode::RateLimited,
+            Self::RateLimited { .. } | Self::TooManyMessages { .. } => ErrorCode::RateLimited,
+            Self::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+            Self::ResumeUnavailable { .. } => ErrorCode::ResumeUnavailable,
             Self::Unauthorized => ErrorCode::Unauthorized,
             Self::Unavailable(_) => ErrorCode::ServiceUnavailable,
         }
@@ -97,8 +116,16 @@ impl ApiError {
             Self::RateLimited {
                 retry_after_secs, ..
             } => ErrorDetails {
-                fix: ErrorCode::RateLimited.default_fix().into(),
                 retry_after_ms: Some(retry_after_secs * 1000),
+                ..ErrorDetails::fix(ErrorCode::RateLimited.default_fix())
+            },
+            Self::TooManyMessages { retry_after_ms, .. } => ErrorDetails {
+                retry_after_ms: Some(*retry_after_ms),
+                ..ErrorDetails::fix(ErrorCode::RateLimited.default_fix())
+            },
+            Self::ResumeUnavailable { latest } => ErrorDetails {
+                seq: Some(*latest),
+                ..ErrorDetails::fix(ErrorCode::ResumeUnavailable.default_fix())
             },
             other => ErrorDetails::fix(other.code().default_fix()),
         }
@@ -120,7 +147,11 @@ impl ResponseError for ApiError {
             | Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ChatNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::ChatInUse => StatusCode::CONFLICT,
-            Self::ConnectionLimit(_) | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::ConnectionLimit(_) | Self::RateLimited { .. } | Self::TooManyMessages { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::ResumeUnavailable { .. } => StatusCode::GONE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! - [`startup`]: `Application::build` wires store, broker, limits and (embedded) worker.
 //! - [`routes`]: REST, admin and health handlers.
-//! - [`ws`]: the WebSocket endpoint and per-socket loop.
+//! - [`ws`]: the WebSocket endpoint, the per-socket loop and its cursor into the chat's events.
+//! - [`messages`]: accepting a chat message (limits, quota, save, announce and queue).
 //! - [`auth`], [`tenants`]: keys, the admin token, tenant operations shared with the CLI.
 //! - [`quota`]: daily token quotas.
 //! - [`error`]: the one mapping from failures to HTTP responses and WebSocket error events.
@@ -10,6 +11,7 @@
 pub mod auth;
 pub mod cli;
 pub mod error;
+pub mod messages;
 pub mod quota;
 pub mod routes;
 pub mod startup;

@@ -5,11 +5,7 @@ use std::{net::TcpListener, sync::Arc, time::Duration};
 use actix_web::{App, HttpServer, dev::Server, web};
 use anyhow::Context as _;
 use shared::{
-    broker::{
-        Broker,
-        memory::MemoryBroker,
-        redis::{RedisBroker, RedisBrokerConfig},
-    },
+    broker::{self, Broker, Role},
     config::Config,
     limits::{Limits, memory::MemoryLimits, redis::RedisLimits},
     shutdown::Shutdown,
@@ -41,9 +37,10 @@ impl Application {
             store.clone(),
             Duration::from_secs(config.limits.tenant_cache_secs),
         );
-        let (broker, limits) = match &config.redis_url {
-            Some(url) => distributed(&config, url).await?,
-            None => embedded(&config, &tenants, &shutdown).await?,
+        let broker = broker::connect(&config, store.clone(), Role::Gateway).await?;
+        let limits = match &config.redis_url {
+            Some(url) => distributed_limits(&config, url).await?,
+            None => embedded(&config, &tenants, broker.clone(), &shutdown).await?,
         };
         let listener =
             TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;
@@ -133,36 +130,29 @@ impl Stopper {
     }
 }
 
-/// Redis broker and limits; workers run as separate processes.
-async fn distributed(
-    config: &Config,
-    url: &str,
-) -> anyhow::Result<(Arc<dyn Broker>, Arc<dyn Limits>)> {
-    let consumer = format!("gateway-{}", uuid::Uuid::new_v4());
-    let broker =
-        RedisBroker::connect(RedisBrokerConfig::from_config(config, url, consumer)).await?;
+/// Cluster-wide limits in Redis; workers run as separate processes.
+async fn distributed_limits(config: &Config, url: &str) -> anyhow::Result<Arc<dyn Limits>> {
     let lease = Duration::from_secs(config.cluster.lease_secs.max(1));
-    let limits = RedisLimits::connect(url, &config.redis_prefix, lease).await?;
-    Ok((broker, limits))
+    Ok(RedisLimits::connect(url, &config.redis_prefix, lease).await?)
 }
 
-/// In-process broker, limits and worker.
+/// In-process limits and worker.
 async fn embedded(
     config: &Config,
     tenants: &TenantCache,
+    broker: Arc<dyn Broker>,
     shutdown: &Shutdown,
-) -> anyhow::Result<(Arc<dyn Broker>, Arc<dyn Limits>)> {
-    let broker = Arc::new(MemoryBroker::new(config.limits.chat_buffer));
-    let worker = worker::Worker::new(tenants.clone(), broker.clone(), config.worker.clone());
+) -> anyhow::Result<Arc<dyn Limits>> {
+    let worker = worker::Worker::new(tenants.clone(), broker.clone(), config);
     shutdown.tracker.spawn(worker.run(shutdown.clone()));
     requeue_unanswered(tenants.store().as_ref(), broker.as_ref()).await?;
-    Ok((broker, Arc::new(MemoryLimits::new())))
+    Ok(Arc::new(MemoryLimits::new()))
 }
 
 /// Queues again the messages a previous run saved but did not answer: the in-process queue
 /// does not survive a restart, and a message acknowledged with `message_received` must not be lost.
 async fn requeue_unanswered(store: &dyn Store, broker: &dyn Broker) -> anyhow::Result<()> {
-    let jobs = store.unanswered(100_000).await?;
+    let jobs = store.unanswered(chrono::Utc::now(), 100_000).await?;
     if !jobs.is_empty() {
         tracing::info!(
             count = jobs.len(),

@@ -49,6 +49,44 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// Timings of the distributed mode.
     pub cluster: ClusterConfig,
+    /// The chat log and the delivery guarantees built on it (API.md §4.1).
+    pub delivery: DeliveryConfig,
+}
+
+/// The chat log (every chat event with its `seq`, kept for resume, late join and slow
+/// readers) and the bounds of fault recovery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeliveryConfig {
+    /// Events of a chat kept at least (`PARLEY_DELIVERY__LOG_EVENTS`); API.md's minimum is 10,000.
+    pub log_events: u64,
+    /// Seconds a chat's events are kept at least (`PARLEY_DELIVERY__LOG_SECS`); API.md's
+    /// minimum is 600. An event goes once it is older than this *and* beyond `log_events`.
+    pub log_secs: u64,
+    /// Seconds after a chat's last event when its whole log is dropped (at least `log_secs`).
+    pub log_idle_secs: u64,
+    /// Seconds a socket may take to accept one write before it is closed with
+    /// `SLOW_CONSUMER` (a client that stopped reading).
+    pub write_timeout_secs: u64,
+    /// Seconds after which a saved user message with no answer and no live job is queued again
+    /// by the workers' sweep (after Redis lost its data, or any crash window).
+    pub unanswered_after_secs: u64,
+    /// Milliseconds of a worker's liveness lease; a worker silent this long has its jobs taken
+    /// over by another.
+    pub worker_lease_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            log_events: 10_000,
+            log_secs: 600,
+            log_idle_secs: 3_600,
+            write_timeout_secs: 10,
+            unanswered_after_secs: 30,
+            worker_lease_ms: 3_000,
+        }
+    }
 }
 
 /// Timings of the distributed mode (Redis).
@@ -85,7 +123,8 @@ pub struct LimitsConfig {
     pub heartbeat_interval_secs: u64,
     /// Seconds without any frame from the client (pongs included) after which the socket is closed.
     pub idle_timeout_secs: u64,
-    /// Events buffered per chat for slow sockets; a socket that falls further behind is told and closed.
+    /// Recent events a gateway keeps in memory per chat with a local socket: sockets that keep
+    /// up read them from there, one that falls further behind reads the chat log instead.
     pub chat_buffer: usize,
     /// Seconds a cached tenant (looked up by key) stays fresh; settings changes made through another
     /// process (the CLI) apply after at most this long.
@@ -122,6 +161,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             worker: WorkerConfig::default(),
             cluster: ClusterConfig::default(),
+            delivery: DeliveryConfig::default(),
         }
     }
 }

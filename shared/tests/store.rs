@@ -171,12 +171,24 @@ async fn chats_and_messages(s: Arc<dyn Store>) -> TestResult {
         vec!["hello", "hi"]
     );
     assert_eq!(s.history_before(c1.id, &m2.id, 1).await?[0].content, "hi");
-    let pending = s.unanswered(10).await?;
+    let pending = s.unanswered(chrono::Utc::now(), 10).await?;
     assert_eq!(pending.len(), 1);
     assert_eq!(
         (pending[0].message_id.as_str(), pending[0].tenant_id),
         (m2.id.as_str(), t.id)
     );
+    let long_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    assert!(
+        s.unanswered(long_ago, 10).await?.is_empty(),
+        "only older messages"
+    );
+    // A message given up on is not queued again.
+    s.give_up(&m2.id).await?;
+    assert!(s.unanswered(chrono::Utc::now(), 10).await?.is_empty());
+    // `seq` blocks: each reservation ends past the previous one; a missing chat has none.
+    assert_eq!(s.reserve_seq(c1.id, 100).await?, Some(100));
+    assert_eq!(s.reserve_seq(c1.id, 100).await?, Some(200));
+    assert_eq!(s.reserve_seq(uuid::Uuid::new_v4(), 100).await?, None);
 
     assert!(s.delete_chat(t.id, c1.id).await?);
     assert!(s.get_chat(t.id, c1.id).await?.is_none());

@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
             while let Some(item) = answer.next().await {
                 if let StreamItem::Delta(token) = item? {
                     let sent: u128 = token.trim().parse()?;
-                    let frame = ServerEvent::token(chat_id, token).to_frame();
+                    let frame = ServerEvent::token(chat_id, "msg-bench", token).to_frame();
                     std::hint::black_box(frame);
                     let micros = now_nanos().saturating_sub(sent) / 1_000;
                     hist.record(u64::try_from(micros)?)?;

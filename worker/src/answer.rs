@@ -5,6 +5,15 @@
 //! the partial answer (if any tokens went out) is saved with `finish_reason: "error"` and
 //! announced with `message_stream_ended`; an `error` event with `AI_ERROR` always closes the
 //! stream. A message that already has a saved answer is never answered again.
+//!
+//! Restarts and fencing (API.md §4.1): the answer's id is derived from the user message, so
+//! every attempt streams under the same `message_id`, and `message_stream_started` carries the
+//! delivery's `attempt`. Every publish is fenced by that attempt: once a newer attempt of the
+//! job (another worker took it over) has published, this attempt's publishes are refused and
+//! it stops at once, saving nothing and acknowledging nothing. If a newer attempt finds the
+//! answer already saved by an older one as it finishes, it streams the saved text as one more
+//! restart, so clients always end with the saved answer. A message whose model failed before
+//! any token is recorded as given up, so the unanswered sweep leaves it alone.
 
 use shared::metrics::{metrics, seconds_since};
 use shared::telemetry::trace;
@@ -15,9 +24,9 @@ use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use serde_json::{Map, Value, json};
 use shared::{
-    broker::Delivery,
+    broker::{BrokerError, Delivery, Fence, PublishOptions},
     mocktext::count_words,
-    protocol::{ErrorCode, Job, ServerEvent, Usage, message_id},
+    protocol::{ErrorCode, Job, ServerEvent, Usage, answer_id},
     shutdown::CancellationToken,
     store::{Message, NewAnswer, Role, StoreError},
 };
@@ -36,26 +45,33 @@ struct Outcome {
     error: Option<ProviderError>,
     /// Whether time to first token was recorded.
     first_token_out: bool,
+    /// A newer attempt of the job took over: stop, save nothing.
+    fenced: bool,
 }
 
 impl Outcome {
     /// Publishes the outbox as one broker message and empties it. The message that carries
     /// the answer's first token also carries the trace context and records time to first
     /// token.
-    async fn flush(&mut self, ctx: &Context, job: &Job, outbox: &mut Vec<ServerEvent>) {
+    async fn flush(&mut self, ctx: &Context, delivery: &Delivery, outbox: &mut Vec<ServerEvent>) {
         if outbox.is_empty() {
             return;
         }
+        let job = &delivery.job;
         let first = self.tokens > 0 && !self.first_token_out;
         let trace = first
             .then(|| trace::traceparent(&tracing::Span::current()))
             .flatten();
-        if let Err(e) = ctx
-            .broker
-            .publish_all(job.chat_id, outbox, trace.as_deref())
-            .await
-        {
-            tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish events");
+        let options = PublishOptions {
+            fence: Some(fence(delivery)),
+            first_token_trace: trace.as_deref(),
+        };
+        match ctx.broker.publish(job.chat_id, outbox, options).await {
+            Ok(_) => {}
+            Err(BrokerError::Fenced { .. }) => self.fenced = true,
+            Err(e) => {
+                tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish events");
+            }
         }
         outbox.clear();
         if first {
@@ -115,14 +131,51 @@ pub async fn answer(ctx: &Context, delivery: Delivery) {
 }
 
 async fn answer_and_ack(ctx: &Context, delivery: Delivery) {
-    if let Err(e) = try_answer(ctx, &delivery).await {
-        tracing::error!(error = %e, chat_id = %delivery.job.chat_id, "answer failed");
-        let event = ServerEvent::error(ErrorCode::AiError, "The answer could not be produced");
-        let _ = ctx.broker.publish(delivery.job.chat_id, &event).await;
+    match try_answer(ctx, &delivery).await {
+        Ok(Done::Answered) => {}
+        Ok(Done::TakenOver) => {
+            tracing::warn!(chat_id = %delivery.job.chat_id, attempt = delivery.attempt,
+                "a newer attempt took the job over; this one stops");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, chat_id = %delivery.job.chat_id, "answer failed");
+            let event = ServerEvent::error(ErrorCode::AiError, "The answer could not be produced");
+            publish(ctx, &delivery, event).await;
+        }
     }
-    if let Err(e) = ctx.broker.ack(&delivery).await {
-        tracing::warn!(error = %e, "could not acknowledge a job");
+    ack(ctx, &delivery).await;
+}
+
+/// Acknowledges, retrying: a job left unacknowledged would hold its chat's later messages
+/// until it is reclaimed.
+async fn ack(ctx: &Context, delivery: &Delivery) {
+    let mut wait = std::time::Duration::from_millis(50);
+    for _ in 0..8 {
+        match ctx.broker.ack(delivery).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "could not acknowledge a job; retrying"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(2));
     }
+    tracing::error!(chat_id = %delivery.job.chat_id, "gave up acknowledging a job; it will be reclaimed");
+}
+
+/// The fence of a delivery's publishes.
+fn fence(delivery: &Delivery) -> Fence<'_> {
+    Fence {
+        message_id: &delivery.job.message_id,
+        attempt: delivery.attempt,
+    }
+}
+
+/// How an answer attempt ended.
+enum Done {
+    /// Answered (or failed and said so): acknowledge.
+    Answered,
+    /// A newer attempt owns the job: leave it alone.
+    TakenOver,
 }
 
 /// Counts an answer in progress while alive.
@@ -141,15 +194,15 @@ impl Drop for Busy<'_> {
     }
 }
 
-async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError> {
+async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<Done, StoreError> {
     let job = &delivery.job;
     // Only a redelivered job can already have an answer; the unique `reply_to` of the store
     // guarantees at most one saved answer either way.
     if delivery.attempt > 1 && ctx.store.answer_to(&job.message_id).await?.is_some() {
-        return Ok(());
+        return Ok(Done::Answered);
     }
     let Some(tenant) = ctx.tenants.by_id(job.tenant_id).await? else {
-        return Ok(());
+        return Ok(Done::Answered);
     };
     let agent = tenant.settings.agent;
     let provider = ctx.providers.get(&agent.provider);
@@ -179,7 +232,7 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
         max_tokens: agent.max_tokens,
         options: agent.options.clone(),
     };
-    let answer_id = message_id();
+    let answer_id = answer_id(&job.message_id);
     // The outbox: events wait here until the stream would make us wait, then leave in one
     // broker message (`message_stream_started` travels with the first tokens when they are
     // ready at once, or alone when the model is slow to start).
@@ -189,19 +242,35 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<(), StoreError
         user_id: job.user_id.clone(),
         message_id: answer_id.clone(),
         reply_to: job.message_id.clone(),
+        attempt: delivery.attempt,
     }];
     let cancel = CancellationToken::new();
     ctx.active.insert(job.chat_id, cancel.clone());
     let call = tracing::debug_span!(target: trace::TARGET, "model.call", model = %model);
+    let streamed = Streamed {
+        answer_id: &answer_id,
+        cancel: &cancel,
+    };
     let outcome = async {
-        let mut outcome = stream_answer(ctx, job, provider, request, &cancel, &mut outbox).await;
-        outcome.flush(ctx, job, &mut outbox).await;
+        let mut outcome =
+            stream_answer(ctx, delivery, provider, request, streamed, &mut outbox).await;
+        outcome.flush(ctx, delivery, &mut outbox).await;
         outcome
     }
     .instrument(call)
     .await;
     ctx.active.remove(&job.chat_id);
-    finish(ctx, job, answer_id, &model, prompt_estimate, outcome).await
+    if outcome.fenced {
+        return Ok(Done::TakenOver);
+    }
+    finish(ctx, delivery, answer_id, &model, prompt_estimate, outcome).await
+}
+
+/// What the stream of one answer needs besides the model.
+#[derive(Clone, Copy)]
+struct Streamed<'a> {
+    answer_id: &'a str,
+    cancel: &'a CancellationToken,
 }
 
 /// The newest earlier messages whose text fits `budget` characters, in order.
@@ -248,12 +317,13 @@ fn conversation(system: Option<&str>, history: &[Message], content: &str) -> Vec
 
 async fn stream_answer(
     ctx: &Context,
-    job: &Job,
+    delivery: &Delivery,
     provider: Result<Arc<dyn Provider>, ProviderError>,
     request: ChatRequest,
-    cancel: &CancellationToken,
+    streamed: Streamed<'_>,
     outbox: &mut Vec<ServerEvent>,
 ) -> Outcome {
+    let (job, cancel) = (&delivery.job, streamed.cancel);
     let mut out = Outcome {
         content: String::new(),
         tokens: 0,
@@ -261,6 +331,7 @@ async fn stream_answer(
         usage: None,
         error: None,
         first_token_out: false,
+        fenced: false,
     };
     let mut stream = match provider {
         Ok(p) => p.stream(request),
@@ -274,7 +345,7 @@ async fn stream_answer(
         while outbox.len() < MAX_BATCH && !cancel.is_cancelled() {
             match stream.next().now_or_never() {
                 Some(item) => {
-                    if take(&mut out, job, item, outbox).is_some() {
+                    if take(&mut out, job, streamed.answer_id, item, outbox).is_some() {
                         return out;
                     }
                 }
@@ -282,7 +353,10 @@ async fn stream_answer(
             }
         }
         // About to wait: what is ready goes out first.
-        out.flush(ctx, job, outbox).await;
+        out.flush(ctx, delivery, outbox).await;
+        if out.fenced {
+            return out;
+        }
         let item = tokio::select! {
             biased;
             () = cancel.cancelled() => {
@@ -291,7 +365,7 @@ async fn stream_answer(
             }
             item = stream.next() => item,
         };
-        if take(&mut out, job, item, outbox).is_some() {
+        if take(&mut out, job, streamed.answer_id, item, outbox).is_some() {
             return out;
         }
     }
@@ -305,6 +379,7 @@ const MAX_BATCH: usize = 64;
 fn take(
     out: &mut Outcome,
     job: &Job,
+    answer_id: &str,
     item: Option<Result<StreamItem, ProviderError>>,
     batch: &mut Vec<ServerEvent>,
 ) -> Option<()> {
@@ -312,7 +387,7 @@ fn take(
         Some(Ok(StreamItem::Delta(token))) => {
             out.content.push_str(&token);
             out.tokens += 1;
-            batch.push(ServerEvent::token(job.chat_id, token));
+            batch.push(ServerEvent::token(job.chat_id, answer_id, token));
             None
         }
         Some(Ok(StreamItem::Done {
@@ -342,12 +417,13 @@ fn take(
 
 async fn finish(
     ctx: &Context,
-    job: &Job,
+    delivery: &Delivery,
     answer_id: String,
     model: &str,
     prompt_estimate: u32,
     out: Outcome,
-) -> Result<(), StoreError> {
+) -> Result<Done, StoreError> {
+    let job = &delivery.job;
     let announce = out.error.is_none() || out.tokens > 0;
     if announce {
         let usage = out.usage.unwrap_or(Usage {
@@ -375,41 +451,94 @@ async fn finish(
             })
             .instrument(tracing::debug_span!(target: trace::TARGET, "store.save_answer"))
             .await?;
-        if saved {
-            ctx.usage.add(job.tenant_id, &usage);
-            publish(
-                ctx,
-                job,
-                ServerEvent::MessageStreamEnded {
-                    timestamp: Utc::now(),
-                    message_id: answer_id,
-                    chat_id: job.chat_id,
-                    user_id: job.user_id.clone(),
-                    content: out.content,
-                    finish_reason: out.finish_reason.into(),
-                    usage: out.usage,
-                },
-            )
-            .await;
+        if !saved {
+            return replay_saved(ctx, delivery).await;
         }
+        ctx.usage.add(job.tenant_id, &usage);
+        let ended = ServerEvent::MessageStreamEnded {
+            timestamp: Utc::now(),
+            message_id: answer_id,
+            chat_id: job.chat_id,
+            user_id: job.user_id.clone(),
+            content: out.content,
+            finish_reason: out.finish_reason.into(),
+            usage: out.usage,
+        };
+        publish(ctx, delivery, ended).await;
     }
     if let Some(e) = out.error {
         metrics().model_error(e.kind());
         tracing::Span::current().record("otel.status_code", "ERROR");
         tracing::warn!(error = %e, chat_id = %job.chat_id, "model failed");
-        publish(
-            ctx,
-            job,
-            ServerEvent::error(ErrorCode::AiError, format!("The AI model failed: {e}")),
-        )
-        .await;
+        if !announce {
+            // Nothing was saved: record the outcome, or the unanswered sweep would ask again.
+            ctx.store.give_up(&job.message_id).await?;
+        }
+        let failed = ServerEvent::error(ErrorCode::AiError, format!("The AI model failed: {e}"));
+        publish(ctx, delivery, failed).await;
     }
-    Ok(())
+    Ok(Done::Answered)
 }
 
-async fn publish(ctx: &Context, job: &Job, event: ServerEvent) {
-    if let Err(e) = ctx.broker.publish(job.chat_id, &event).await {
-        tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish an event");
+/// Another attempt saved its answer first: stream the saved text as one more restart, so that
+/// the last `message_stream_started` of the answer is followed by exactly the saved text.
+async fn replay_saved(ctx: &Context, delivery: &Delivery) -> Result<Done, StoreError> {
+    let job = &delivery.job;
+    let Some(saved) = ctx.store.answer_to(&job.message_id).await? else {
+        return Ok(Done::Answered);
+    };
+    let finish_reason = saved
+        .metadata
+        .get("finish_reason")
+        .and_then(Value::as_str)
+        .unwrap_or("stop")
+        .to_owned();
+    let events = [
+        ServerEvent::MessageStreamStarted {
+            timestamp: Utc::now(),
+            chat_id: job.chat_id,
+            user_id: job.user_id.clone(),
+            message_id: saved.id.clone(),
+            reply_to: job.message_id.clone(),
+            attempt: delivery.attempt,
+        },
+        ServerEvent::token(job.chat_id, &saved.id, saved.content.clone()),
+        ServerEvent::MessageStreamEnded {
+            timestamp: Utc::now(),
+            message_id: saved.id,
+            chat_id: job.chat_id,
+            user_id: job.user_id.clone(),
+            content: saved.content,
+            finish_reason,
+            usage: None,
+        },
+    ];
+    let options = PublishOptions {
+        fence: Some(fence(delivery)),
+        first_token_trace: None,
+    };
+    match ctx.broker.publish(job.chat_id, &events, options).await {
+        Err(BrokerError::Fenced { .. }) => Ok(Done::TakenOver),
+        Err(e) => {
+            tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish events");
+            Ok(Done::Answered)
+        }
+        Ok(_) => Ok(Done::Answered),
+    }
+}
+
+/// Publishes one event of the delivery's answer (fenced by its attempt).
+async fn publish(ctx: &Context, delivery: &Delivery, event: ServerEvent) {
+    let options = PublishOptions {
+        fence: Some(fence(delivery)),
+        first_token_trace: None,
+    };
+    let chat_id = delivery.job.chat_id;
+    let published = ctx
+        .broker
+        .publish(chat_id, std::slice::from_ref(&event), options);
+    if let Err(e) = published.await {
+        tracing::warn!(error = %e, %chat_id, "could not publish an event");
     }
 }
 
@@ -419,7 +548,7 @@ mod tests {
 
     fn message(content: &str) -> Message {
         Message {
-            id: message_id(),
+            id: shared::protocol::message_id(),
             chat_id: uuid::Uuid::new_v4(),
             role: Role::User,
             user_id: "u".into(),

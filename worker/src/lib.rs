@@ -4,6 +4,7 @@
 //! - [`dispatch`]: one chat's messages one at a time in arrival order, different chats in parallel.
 //! - [`answer`]: answering one message (context, streaming, cancel, saving, errors).
 //! - [`usage`]: per-tenant daily usage, written once a second.
+//! - [`sweep`]: queues again saved messages that have neither an answer nor a live job.
 //! - [`provider`]: the model seam (`mock` built in, `openai` for configured endpoints).
 //!
 //! In the embedded mode the gateway runs [`Worker::run`] in its own process.
@@ -11,6 +12,7 @@
 pub mod answer;
 pub mod dispatch;
 pub mod provider;
+pub mod sweep;
 pub mod usage;
 
 use std::sync::Arc;
@@ -56,13 +58,54 @@ async fn answers_done(answering: &std::sync::atomic::AtomicUsize) {
 /// A worker bound to a store and a broker.
 pub struct Worker {
     ctx: Arc<Context>,
+    unanswered_after: std::time::Duration,
+}
+
+/// Why a stand-alone worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Without Redis there is nothing to consume: the gateway answers in-process.
+    #[error("the worker needs PARLEY_REDIS_URL (without it the gateway answers in-process)")]
+    NoRedis,
+    /// The store could not be opened.
+    #[error("opening the store")]
+    Store(#[source] shared::store::StoreError),
+    /// The broker could not be reached.
+    #[error("connecting to the broker")]
+    Broker(#[source] shared::broker::BrokerError),
 }
 
 impl Worker {
+    /// A stand-alone worker as the configuration describes it: its store, its broker (as a
+    /// worker, holding a liveness lease) and the configured models. The `worker` binary and
+    /// the tests start workers this way.
+    pub async fn build(config: &shared::config::Config) -> Result<Self, BuildError> {
+        if config.redis_url.is_none() {
+            return Err(BuildError::NoRedis);
+        }
+        let store = shared::store::connect(&config.database_url)
+            .await
+            .map_err(BuildError::Store)?;
+        let broker = shared::broker::connect(config, store.clone(), shared::broker::Role::Worker)
+            .await
+            .map_err(BuildError::Broker)?;
+        let cache = std::time::Duration::from_secs(config.limits.tenant_cache_secs);
+        let tenants = TenantCache::new(store, cache);
+        Ok(Self::new(tenants, broker, config))
+    }
+
     /// A worker with the built-in providers and the configured model endpoints, reading tenants through `tenants` (and the store
     /// behind it).
-    pub fn new(tenants: TenantCache, broker: Arc<dyn Broker>, config: WorkerConfig) -> Self {
+    pub fn new(
+        tenants: TenantCache,
+        broker: Arc<dyn Broker>,
+        config: &shared::config::Config,
+    ) -> Self {
+        let unanswered_after =
+            std::time::Duration::from_secs(config.delivery.unanswered_after_secs);
+        let config = config.worker.clone();
         Self {
+            unanswered_after,
             ctx: Arc::new(Context {
                 store: tenants.store(),
                 tenants,
@@ -84,6 +127,12 @@ impl Worker {
         shutdown.tracker.spawn(cancels);
         let (usage, store) = (self.ctx.usage.clone(), self.ctx.store.clone());
         usage::start_flushing(usage, store, self.ctx.answering.clone(), &shutdown);
+        let sweep = sweep::run(
+            self.ctx.clone(),
+            shutdown.token.clone(),
+            self.unanswered_after,
+        );
+        shutdown.tracker.spawn(sweep);
         dispatch::run(self.ctx, shutdown).await;
     }
 }

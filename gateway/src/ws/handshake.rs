@@ -15,6 +15,8 @@ pub struct HandshakeParams {
     pub user_id: Option<String>,
     /// `chat_id` / `X-Chat-ID`.
     pub chat_id: Option<String>,
+    /// `last_seq` / `X-Last-Seq`: resume after this `seq` (API.md §4.1).
+    pub last_seq: Option<String>,
 }
 
 impl HandshakeParams {
@@ -33,6 +35,7 @@ impl HandshakeParams {
             api_key: take("api_key", "X-API-Key"),
             user_id: take("user_id", "X-User-ID"),
             chat_id: take("chat_id", "X-Chat-ID"),
+            last_seq: take("last_seq", "X-Last-Seq"),
         }
     }
 }
@@ -49,6 +52,8 @@ pub struct Accepted {
     pub user_id: String,
     /// Whether this connection created the user.
     pub user_created: bool,
+    /// The `seq` to resume after, if the client resumes.
+    pub last_seq: Option<u64>,
     /// The tenant connection slot, released when dropped.
     pub _lease: ConnectionLease,
 }
@@ -71,6 +76,15 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
     let api_key = required(params.api_key, "api_key", "X-API-Key")?;
     let user_id = required(params.user_id, "user_id", "X-User-ID")?;
     let raw_chat = required(params.chat_id, "chat_id", "X-Chat-ID")?;
+    let last_seq = params
+        .last_seq
+        .filter(|v| !v.is_empty())
+        .map(|v| v.trim().parse::<u64>())
+        .transpose()
+        .map_err(|_| ApiError::InvalidParam {
+            name: "last_seq",
+            reason: "must be a non-negative integer",
+        })?;
     let tenant = crate::auth::tenant_for_key(&state.tenants, &api_key).await?;
     validate_user_id(&user_id).map_err(|reason| ApiError::InvalidParam {
         name: "user_id",
@@ -104,6 +118,7 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
         chat_id,
         user_id,
         user_created,
+        last_seq,
         _lease: lease,
     })
 }

@@ -3,6 +3,7 @@
 //! The upgrade always succeeds; the handshake parameters are checked afterwards so that a
 //! browser client can read why it was refused (an `error` event, then close code 1008).
 
+mod cursor;
 mod handshake;
 mod session;
 

@@ -1,15 +1,16 @@
 //! One socket's life: handshake, then a loop over client frames, chat events, heartbeats and
-//! the shutdown signal.
+//! the shutdown signal. Transport only: what a message frame triggers is [`crate::messages`],
+//! which events to write next is the socket's [`ChatCursor`].
 //!
-//! Outbound events come from the chat's bounded hub channel and go straight to the socket; a
-//! socket that falls more than `chat_buffer` events behind is sent `SLOW_CONSUMER` and closed.
+//! Chat events are written as the cursor hands them over, each write bounded by
+//! `delivery.write_timeout_secs`: a client that stops reading for that long is sent
+//! `SLOW_CONSUMER` (if it still can be) and closed with 1008; it can resume.
 //! Heartbeats: a WebSocket ping every `heartbeat_interval_secs`; a socket silent for
 //! `idle_timeout_secs` (no frame at all, pongs included) is closed with 1000 "idle timeout".
 //! Shutdown closes with 1012 so that clients reconnect to another gateway: at once for an idle
 //! socket, after the answer it is streaming ends for a busy one (within `drain_timeout_secs`).
 
 use std::{
-    num::NonZeroU32,
     ops::ControlFlow,
     sync::Arc,
     time::{Duration, Instant},
@@ -19,19 +20,16 @@ use actix_ws::{
     AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError, Session,
 };
 use chrono::Utc;
-use governor::{Quota, RateLimiter, clock::Clock, clock::DefaultClock};
-use serde_json::{Map, Value};
 use shared::protocol::{
-    ClientFrame, ErrorCode, ErrorDetails, Frame, FrameError, Job, ServerEvent, frame_event_type,
-    parse_client_frame,
+    ClientFrame, ErrorCode, Frame, FrameError, ServerEvent, frame_event_type, parse_client_frame,
 };
 
+use super::cursor::{ChatCursor, CursorEnd, Step};
 use super::handshake::{self, Accepted, HandshakeParams};
+use crate::messages::{self, MessageLimiter, NewMessage, Sender};
 use crate::{error::ApiError, state::AppState};
 use shared::broker::Subscription;
 use shared::metrics::metrics;
-use shared::telemetry::trace;
-use tracing::Instrument as _;
 
 /// Runs a socket until it closes.
 ///
@@ -85,13 +83,13 @@ fn close(code: CloseCode, description: &str) -> CloseReason {
     }
 }
 
-type MessageLimiter = governor::DefaultDirectRateLimiter;
-
 struct Connection {
     state: Arc<AppState>,
     accepted: Accepted,
     session: Session,
     limiter: MessageLimiter,
+    /// A write timed out: the client stopped reading.
+    stalled: bool,
     _open: OpenSocket,
 }
 
@@ -154,28 +152,39 @@ impl Drop for OpenSocket {
 
 impl Connection {
     fn new(state: Arc<AppState>, accepted: Accepted, session: Session) -> Self {
-        let per_second = NonZeroU32::new(accepted.messages_per_second).unwrap_or(NonZeroU32::MIN);
         Self {
+            limiter: messages::limiter(accepted.messages_per_second),
+            stalled: false,
             state,
             accepted,
             session,
-            limiter: RateLimiter::direct(Quota::per_second(per_second)),
             _open: OpenSocket::new(),
         }
     }
 
     async fn send(&mut self, event: ServerEvent) -> ControlFlow<()> {
-        match self.session.text(event.to_frame()).await {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
+        self.write(event.to_frame()).await
+    }
+
+    /// Writes one frame within the write timeout; `Break` when the socket is gone or stalled.
+    async fn write(&mut self, frame: Frame) -> ControlFlow<()> {
+        let timeout = Duration::from_secs(self.state.config.delivery.write_timeout_secs.max(1));
+        match tokio::time::timeout(timeout, self.session.text(frame)).await {
+            Ok(Ok(())) => ControlFlow::Continue(()),
+            Ok(Err(_)) => ControlFlow::Break(()),
+            Err(_) => {
+                self.stalled = true;
+                ControlFlow::Break(())
+            }
         }
     }
 
     async fn serve(&mut self, stream: &mut AggregatedMessageStream) {
-        let mut events = match self.state.broker.subscribe(self.accepted.chat_id).await {
-            Ok(events) => events,
+        let joined = Box::pin(self.join()).await;
+        let (mut events, mut cursor, latest) = match joined {
+            Ok(joined) => joined,
             Err(e) => {
-                let _ = Box::pin(self.send(ApiError::from(e).to_event())).await;
+                let _ = Box::pin(self.send(e.to_event())).await;
                 let _ = Box::pin(
                     self.session
                         .clone()
@@ -186,22 +195,52 @@ impl Connection {
             }
         };
         // The greeting and the close run once; boxing them keeps the long-lived task small.
-        if Box::pin(self.greet()).await.is_break() {
+        if Box::pin(self.greet(latest)).await.is_break() {
             return;
         }
-        let reason = self.event_loop(&mut events, stream).await;
+        let reason = self.event_loop(&mut events, &mut cursor, stream).await;
+        let reason = match reason {
+            _ if self.stalled => Some(Box::pin(self.slow_consumer()).await),
+            reason => reason,
+        };
         if let Some(reason) = reason {
             let _ = Box::pin(self.session.clone().close(Some(reason))).await;
         }
     }
 
-    /// `connection_established`, then `user_created` if this connection created the user.
-    async fn greet(&mut self) -> ControlFlow<()> {
+    /// Follows the chat (live first, so that nothing published afterwards is missed), then
+    /// places the socket's cursor; the third value is the chat's latest `seq`.
+    async fn join(&self) -> Result<(Subscription, ChatCursor, u64), ApiError> {
+        let chat_id = self.accepted.chat_id;
+        let events = self.state.broker.subscribe(chat_id).await?;
+        let head = self.state.broker.head(chat_id).await?;
+        let cursor = ChatCursor::start(chat_id, head, self.accepted.last_seq);
+        Ok((events, cursor, head.latest))
+    }
+
+    /// `SLOW_CONSUMER`, if the client still takes it, and the close to send.
+    async fn slow_consumer(&mut self) -> CloseReason {
+        let slow = ServerEvent::error(
+            ErrorCode::SlowConsumer,
+            "The connection fell too far behind the chat's events; resume with last_seq",
+        );
+        let _ = tokio::time::timeout(
+            Duration::from_millis(100),
+            self.session.text(slow.to_frame()),
+        )
+        .await;
+        close(CloseCode::Policy, "slow consumer")
+    }
+
+    /// `connection_established` (with the chat's latest `seq`), then `user_created` if this
+    /// connection created the user.
+    async fn greet(&mut self, latest: u64) -> ControlFlow<()> {
         let established = ServerEvent::ConnectionEstablished {
             timestamp: Utc::now(),
             user_id: self.accepted.user_id.clone(),
             chat_id: self.accepted.chat_id,
             tenant_id: self.accepted.tenant_id,
+            seq: latest,
         };
         self.send(established).await?;
         if self.accepted.user_created {
@@ -218,8 +257,11 @@ impl Connection {
     async fn event_loop(
         &mut self,
         events: &mut Subscription,
+        cursor: &mut ChatCursor,
         stream: &mut AggregatedMessageStream,
     ) -> Option<CloseReason> {
+        let broker = self.state.broker.clone();
+        let log: &dyn shared::broker::ChatLog = broker.as_ref();
         let limits = &self.state.config.limits;
         let idle_timeout = Duration::from_secs(limits.idle_timeout_secs);
         let period = Duration::from_secs(limits.heartbeat_interval_secs.max(1));
@@ -246,30 +288,39 @@ impl Connection {
                 () = async { if let Some(t) = drain_timer.as_mut() { t.await } }, if drain_timer.is_some() => {
                     return Some(restart());
                 }
-                event = events.recv() => match event {
-                    Some(frame) => {
-                        let forwarded = Forwarded::of(&frame);
-                        if self.session.text(frame).await.is_err() {
+                step = cursor.pull(events, log) => match step {
+                    Ok(Step { notice, events }) => {
+                        if let Some(notice) = notice
+                            && self.send(notice.to_event()).await.is_break()
+                        {
                             return None;
                         }
-                        match forwarded {
-                            Forwarded::Token => tokens.0 += 1,
-                            Forwarded::Started => streaming = true,
-                            Forwarded::Ended => {
-                                streaming = false;
-                                tokens.flush();
-                                if drain_timer.is_some() {
-                                    return Some(restart());
-                                }
+                        for event in events {
+                            let forwarded = Forwarded::of(&event.frame);
+                            if self.write(event.frame).await.is_break() {
+                                return None;
                             }
-                            Forwarded::Other => {}
+                            match forwarded {
+                                Forwarded::Token => tokens.0 += 1,
+                                Forwarded::Started => streaming = true,
+                                Forwarded::Ended => {
+                                    streaming = false;
+                                    tokens.flush();
+                                    if drain_timer.is_some() {
+                                        return Some(restart());
+                                    }
+                                }
+                                Forwarded::Other => {}
+                            }
                         }
                         ControlFlow::Continue(())
                     }
-                    None => {
-                        let slow = ServerEvent::error(ErrorCode::SlowConsumer, "Too many unread events; closing");
-                        let _ = Box::pin(self.send(slow)).await;
-                        return Some(close(CloseCode::Policy, "slow consumer"));
+                    Err(CursorEnd::SlowConsumer) => {
+                        self.stalled = true;
+                        return None;
+                    }
+                    Err(CursorEnd::Resync) => {
+                        return Some(close(CloseCode::Restart, "events lost; resume with last_seq"));
                     }
                 },
                 msg = stream.recv() => {
@@ -355,7 +406,19 @@ impl Connection {
                 }
             }
             Ok(ClientFrame::Message { content, metadata }) => {
-                self.on_message(content, metadata).await
+                let sender = Sender {
+                    tenant_id: self.accepted.tenant_id,
+                    chat_id: self.accepted.chat_id,
+                    user_id: &self.accepted.user_id,
+                    limiter: &self.limiter,
+                    per_second: self.accepted.messages_per_second,
+                };
+                let message = NewMessage { content, metadata };
+                // Boxed: the socket's task then carries a pointer while idle, not this future.
+                match Box::pin(messages::accept(&self.state, &sender, message)).await {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => self.send(e.to_event()).await,
+                }
             }
             Err(e @ FrameError::Invalid(_)) => {
                 self.send(ServerEvent::error(ErrorCode::InvalidMessage, e.to_string()))
@@ -368,111 +431,6 @@ impl Connection {
                 ))
                 .await
             }
-        }
-    }
-
-    /// Rate-checks, saves, announces and queues a chat message, in that order, so that
-    /// `message_received` is only ever sent for a saved message and precedes its answer.
-    async fn on_message(
-        &mut self,
-        content: String,
-        metadata: Map<String, Value>,
-    ) -> ControlFlow<()> {
-        if let Err(not_until) = self.limiter.check() {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let per_second = self.accepted.messages_per_second;
-            let details = ErrorDetails {
-                fix: ErrorCode::RateLimited.default_fix().into(),
-                retry_after_ms: Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
-            };
-            let message = format!("Rate limit exceeded: at most {per_second} messages per second");
-            return self
-                .send(ServerEvent::error_with(
-                    ErrorCode::RateLimited,
-                    message,
-                    details,
-                ))
-                .await;
-        }
-        if let Some(refusal) = self.quota_refusal().await {
-            return self.send(refusal).await;
-        }
-        let span = tracing::debug_span!(
-            target: trace::TARGET,
-            "message",
-            chat.id = %self.accepted.chat_id,
-            tenant.id = %self.accepted.tenant_id,
-            message.id = tracing::field::Empty,
-        );
-        // Boxed: the socket's task then carries a pointer while idle, not this future.
-        match Box::pin(self.save_and_queue(content, metadata).instrument(span)).await {
-            Ok(()) => {
-                metrics().messages_received.inc();
-                ControlFlow::Continue(())
-            }
-            Err(e) => self.send(e.to_event()).await,
-        }
-    }
-
-    /// Saves the message, then announces and queues it. Without the broker the message stays
-    /// saved but unannounced: the client is told the service is unavailable instead of
-    /// receiving `message_received`.
-    async fn save_and_queue(
-        &self,
-        content: String,
-        metadata: Map<String, Value>,
-    ) -> Result<(), ApiError> {
-        let (chat_id, user_id) = (self.accepted.chat_id, self.accepted.user_id.clone());
-        let saved = self
-            .state
-            .store
-            .add_user_message(chat_id, &user_id, &content, &metadata)
-            .instrument(tracing::debug_span!(target: trace::TARGET, "store.save_message"))
-            .await?;
-        tracing::Span::current().record("message.id", saved.id.as_str());
-        let received = ServerEvent::MessageReceived {
-            timestamp: Utc::now(),
-            message_id: saved.id.clone(),
-            chat_id,
-            user_id: user_id.clone(),
-            content: content.clone(),
-        };
-        let enqueue =
-            tracing::debug_span!(target: trace::TARGET, "broker.enqueue", otel.kind = "producer");
-        let job = Job {
-            message_id: saved.id,
-            chat_id,
-            tenant_id: self.accepted.tenant_id,
-            user_id,
-            content,
-            enqueued_at: Utc::now(),
-            trace: trace::traceparent(&enqueue),
-        };
-        self.state
-            .broker
-            .announce_and_enqueue(&received, job)
-            .instrument(enqueue)
-            .await?;
-        Ok(())
-    }
-
-    /// The error to answer instead of taking a message, when the tenant's daily token quota
-    /// is spent (or cannot be checked).
-    async fn quota_refusal(&self) -> Option<ServerEvent> {
-        let tenant_id = self.accepted.tenant_id;
-        let tenant = match self.state.tenants.by_id(tenant_id).await {
-            Ok(t) => t?,
-            Err(e) => return Some(ApiError::from(e).to_event()),
-        };
-        let quota = tenant.settings.daily_token_quota?;
-        let store = self.state.store.as_ref();
-        match self.state.quotas.exhausted(store, tenant_id, quota).await {
-            Ok(false) => None,
-            Ok(true) => Some(ServerEvent::error(
-                ErrorCode::QuotaExceeded,
-                format!("The daily quota of {quota} tokens is spent; it renews at midnight UTC"),
-            )),
-            Err(e) => Some(ApiError::from(e).to_event()),
         }
     }
 }

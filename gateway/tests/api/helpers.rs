@@ -7,12 +7,7 @@ use sqlx::Connection;
 use futures_util::{SinkExt, StreamExt};
 use gateway::{Application, Stopper};
 use serde_json::{Value, json};
-use shared::{
-    broker::redis::{RedisBroker, RedisBrokerConfig},
-    config::Config,
-    shutdown::Shutdown,
-    store::TenantCache,
-};
+use shared::{config::Config, shutdown::Shutdown};
 use tempfile::TempDir;
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
@@ -62,17 +57,9 @@ pub fn use_redis(config: &mut Config) {
 
 /// Starts a worker in this process against the configuration's Redis and database.
 pub async fn start_worker(config: &Config) -> Shutdown {
-    let url = config.redis_url.clone().expect("redis url");
-    let consumer = format!("test-worker-{}", uuid::Uuid::new_v4());
-    let broker = RedisBroker::connect(RedisBrokerConfig::from_config(config, &url, consumer))
-        .await
-        .expect("redis");
-    let store = shared::store::connect(&config.database_url)
-        .await
-        .expect("store");
-    let tenants = TenantCache::new(store, Duration::from_secs(config.limits.tenant_cache_secs));
+    let worker = worker::Worker::build(config).await.expect("worker");
     let shutdown = Shutdown::new();
-    tokio::spawn(worker::Worker::new(tenants, broker, config.worker.clone()).run(shutdown.clone()));
+    tokio::spawn(worker.run(shutdown.clone()));
     shutdown
 }
 

@@ -1,17 +1,87 @@
-//! The in-process broker of the embedded mode: a bounded job queue, the local [`Hub`] for events
-//! and a broadcast channel for cancels. Nothing leaves the process.
+//! The in-process broker of the embedded mode: a bounded job queue, an in-memory chat log with
+//! the Redis log's semantics, the local [`Hub`] for live events and a broadcast channel for
+//! cancels. Nothing leaves the process.
+//!
+//! The log keeps each chat's events as a ring with the configured retention (at least
+//! `log_events` events and `log_secs` seconds) and drops a chat's ring after `log_idle_secs`
+//! without events. `seq`s come from blocks reserved in the store ([`super::seqs`]), so a restarted
+//! process continues each chat past every `seq` it issued before. Publishes are never fenced:
+//! the in-process queue hands each job out once, so no attempt is ever taken over.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use dashmap::DashMap;
 use tokio::sync::{Mutex, broadcast, mpsc};
 use uuid::Uuid;
 
-use super::{Broker, BrokerError, Delivery, Hub, Subscription};
-use crate::protocol::{Job, ServerEvent};
+use super::{
+    Broker, BrokerError, CancelBus, ChatLog, Delivery, Head, Hub, JobQueue, PublishOptions, Read,
+    Sequenced, Subscription, seqs,
+};
+use crate::protocol::{AnswerMark, Job, ServerEvent, with_seq};
+use crate::store::Store;
 
 /// Jobs waiting for the worker before `enqueue` starts to wait (back-pressure on senders).
 const QUEUE_CAPACITY: usize = 65_536;
+
+/// Publishes between two sweeps of idle chat logs.
+const SWEEP_EVERY: u64 = 4_096;
+
+/// One chat's log.
+struct ChatRing {
+    seq: u64,
+    limit: u64,
+    open: Option<u64>,
+    events: VecDeque<(Instant, Sequenced)>,
+    touched: Instant,
+}
+
+impl ChatRing {
+    fn new(block: seqs::Block) -> Self {
+        Self {
+            seq: block.start,
+            limit: block.limit,
+            open: None,
+            events: VecDeque::new(),
+            touched: Instant::now(),
+        }
+    }
+
+    fn head(&self) -> Head {
+        Head {
+            latest: self.seq,
+            open_answer: self.open,
+        }
+    }
+
+    fn read(&self, after: u64, limit: usize) -> Read {
+        let first_kept = self.events.front().map_or(self.seq + 1, |(_, e)| e.seq);
+        if after > self.seq || after + 1 < first_kept {
+            return Read::Unavailable { latest: self.seq };
+        }
+        let from = self.events.partition_point(|(_, e)| e.seq <= after);
+        Read::Events(
+            self.events
+                .range(from..)
+                .take(limit)
+                .map(|(_, e)| e.clone())
+                .collect(),
+        )
+    }
+}
+
+/// Retention of the in-memory log.
+struct Retention {
+    events: usize,
+    age: Duration,
+    idle: Duration,
+}
 
 /// In-process [`Broker`].
 pub struct MemoryBroker {
@@ -19,25 +89,101 @@ pub struct MemoryBroker {
     jobs_rx: Mutex<mpsc::Receiver<Job>>,
     next_id: AtomicU64,
     hub: Hub,
+    chats: DashMap<Uuid, ChatRing>,
+    retention: Retention,
+    publishes: AtomicU64,
+    store: Arc<dyn Store>,
     cancels: broadcast::Sender<Uuid>,
 }
 
 impl MemoryBroker {
-    /// A broker whose chat channels buffer `chat_buffer` events per slow socket.
-    pub fn new(chat_buffer: usize) -> Self {
+    /// A broker with the configuration's feed size and log retention; `seq` blocks are
+    /// reserved in `store`.
+    pub fn new(config: &crate::config::Config, store: Arc<dyn Store>) -> Self {
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let d = &config.delivery;
         Self {
             jobs_tx,
             jobs_rx: Mutex::new(jobs_rx),
             next_id: AtomicU64::new(1),
-            hub: Hub::new(chat_buffer),
+            hub: Hub::new(config.limits.chat_buffer),
+            chats: DashMap::new(),
+            retention: Retention {
+                events: usize::try_from(d.log_events).unwrap_or(usize::MAX),
+                age: Duration::from_secs(d.log_secs),
+                idle: Duration::from_secs(d.log_idle_secs.max(d.log_secs)),
+            },
+            publishes: AtomicU64::new(0),
+            store,
             cancels: broadcast::channel(1024).0,
         }
+    }
+
+    /// Reserves a new block for the chat and records it (a first block, or the next one).
+    async fn extend(&self, chat_id: Uuid) -> Result<(), BrokerError> {
+        let block = seqs::reserve(self.store.as_ref(), chat_id).await?;
+        self.chats
+            .entry(chat_id)
+            .and_modify(|ring| ring.limit = ring.limit.max(block.limit))
+            .or_insert_with(|| ChatRing::new(block));
+        Ok(())
+    }
+
+    /// Appends the events if the chat's block has room for them; `None` when it has not.
+    fn try_append(&self, chat_id: Uuid, events: &[ServerEvent]) -> Option<u64> {
+        let mut ring = self.chats.get_mut(&chat_id)?;
+        let n = events.len() as u64;
+        if ring.seq + n > ring.limit {
+            return None;
+        }
+        let now = Instant::now();
+        let mut sequenced = Vec::with_capacity(events.len());
+        for event in events {
+            ring.seq += 1;
+            let seq = ring.seq;
+            match event.answer_mark() {
+                AnswerMark::Opens => ring.open = Some(seq),
+                AnswerMark::Closes => ring.open = None,
+                AnswerMark::Neither => {}
+            }
+            let e = Sequenced {
+                seq,
+                frame: with_seq(&event.to_frame(), seq),
+            };
+            ring.events.push_back((now, e.clone()));
+            sequenced.push(e);
+        }
+        while ring.events.len() > self.retention.events
+            && ring
+                .events
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > self.retention.age)
+        {
+            ring.events.pop_front();
+        }
+        ring.touched = now;
+        let last = ring.seq;
+        // Still under the chat's lock, so that the feed sees every chat's events in order.
+        self.hub.push(chat_id, sequenced);
+        drop(ring);
+        Some(last)
+    }
+
+    fn sweep_idle(&self) {
+        if !self
+            .publishes
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SWEEP_EVERY)
+        {
+            return;
+        }
+        let idle = self.retention.idle;
+        self.chats.retain(|_, ring| ring.touched.elapsed() < idle);
     }
 }
 
 #[async_trait]
-impl Broker for MemoryBroker {
+impl JobQueue for MemoryBroker {
     async fn enqueue(&self, job: Job) -> Result<(), BrokerError> {
         self.jobs_tx
             .send(job)
@@ -59,20 +205,61 @@ impl Broker for MemoryBroker {
         // A job leaves the in-process queue when it is delivered; nothing to acknowledge.
         Ok(())
     }
+}
 
-    async fn publish(&self, chat_id: Uuid, event: &ServerEvent) -> Result<(), BrokerError> {
-        // Serialize only for a chat someone is watching (answers stream to nobody after a
-        // chat's last socket closes).
-        if self.hub.has_subscribers(chat_id) {
-            self.hub.send(chat_id, event.to_frame());
+#[async_trait]
+impl ChatLog for MemoryBroker {
+    async fn publish(
+        &self,
+        chat_id: Uuid,
+        events: &[ServerEvent],
+        _options: PublishOptions<'_>,
+    ) -> Result<u64, BrokerError> {
+        if events.is_empty() {
+            return self.head(chat_id).await.map(|h| h.latest);
         }
-        Ok(())
+        self.sweep_idle();
+        // A block holds far more events than one publish, so this loops at most twice.
+        for _ in 0..3 {
+            if let Some(last) = self.try_append(chat_id, events) {
+                return Ok(last);
+            }
+            self.extend(chat_id).await?;
+        }
+        Err(BrokerError::Unavailable("could not reserve seqs".into()))
+    }
+
+    async fn read(&self, chat_id: Uuid, after: u64, limit: usize) -> Result<Read, BrokerError> {
+        if let Some(ring) = self.chats.get(&chat_id) {
+            return Ok(ring.read(after, limit));
+        }
+        self.extend(chat_id).await?;
+        let ring = self.chats.get(&chat_id);
+        Ok(ring.map_or(Read::Unavailable { latest: 0 }, |r| r.read(after, limit)))
+    }
+
+    async fn head(&self, chat_id: Uuid) -> Result<Head, BrokerError> {
+        if let Some(ring) = self.chats.get(&chat_id) {
+            return Ok(ring.head());
+        }
+        self.extend(chat_id).await?;
+        let ring = self.chats.get(&chat_id);
+        Ok(ring.map_or(
+            Head {
+                latest: 0,
+                open_answer: None,
+            },
+            |r| r.head(),
+        ))
     }
 
     async fn subscribe(&self, chat_id: Uuid) -> Result<Subscription, BrokerError> {
         Ok(self.hub.subscribe(chat_id).0)
     }
+}
 
+#[async_trait]
+impl CancelBus for MemoryBroker {
     async fn cancel(&self, chat_id: Uuid) -> Result<(), BrokerError> {
         // No receiver just means no worker is running; nothing to cancel then.
         let _ = self.cancels.send(chat_id);
@@ -82,7 +269,10 @@ impl Broker for MemoryBroker {
     fn cancels(&self) -> broadcast::Receiver<Uuid> {
         self.cancels.subscribe()
     }
+}
 
+#[async_trait]
+impl Broker for MemoryBroker {
     async fn ping(&self) -> Result<(), BrokerError> {
         if self.jobs_tx.is_closed() {
             return Err(BrokerError::Closed);

@@ -32,6 +32,8 @@ pub enum ErrorCode {
     SlowConsumer,
     /// The store or the broker is unavailable.
     ServiceUnavailable,
+    /// A resume asked for events the chat log no longer holds (API.md §4.1).
+    ResumeUnavailable,
     /// The tenant's daily token quota is spent.
     QuotaExceeded,
     /// Anything unexpected; details are logged, never sent.
@@ -55,6 +57,7 @@ impl ErrorCode {
             Self::Unauthorized => "UNAUTHORIZED",
             Self::SlowConsumer => "SLOW_CONSUMER",
             Self::ServiceUnavailable => "SERVICE_UNAVAILABLE",
+            Self::ResumeUnavailable => "RESUME_UNAVAILABLE",
             Self::QuotaExceeded => "QUOTA_EXCEEDED",
             Self::InternalError => "INTERNAL_ERROR",
         }
@@ -85,6 +88,9 @@ impl ErrorCode {
                 "Wait until the quota renews at midnight UTC, or ask the operator to raise daily_token_quota"
             }
             Self::ServiceUnavailable => "Retry shortly",
+            Self::ResumeUnavailable => {
+                "Reload the chat's history with GET /api/v1/chats/{chat_id}/messages; live events follow"
+            }
             Self::InternalError => "Retry; if it persists, contact the operator",
         }
     }
@@ -98,6 +104,9 @@ pub struct ErrorDetails {
     /// For `RATE_LIMITED`: how long to wait before the next attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// For `RESUME_UNAVAILABLE`: the chat's latest `seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 impl ErrorDetails {
@@ -106,6 +115,7 @@ impl ErrorDetails {
         Self {
             fix: fix.into(),
             retry_after_ms: None,
+            seq: None,
         }
     }
 }

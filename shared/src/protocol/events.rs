@@ -36,6 +36,8 @@ pub enum ServerEvent {
         chat_id: Uuid,
         /// The tenant the key resolved to.
         tenant_id: Uuid,
+        /// The chat's latest `seq` when the socket joined (0 for a new chat; API.md §4.1).
+        seq: u64,
     },
     /// Sent once, on the connection that created the user.
     UserCreated {
@@ -69,6 +71,9 @@ pub enum ServerEvent {
         message_id: String,
         /// The user message being answered.
         reply_to: String,
+        /// 1 for the first try; 2 and more when the answer restarted (its worker died), in
+        /// which case clients reset the answer's text (API.md §4.1).
+        attempt: u32,
     },
     /// One token of the answer.
     MessageStreamToken {
@@ -76,6 +81,8 @@ pub enum ServerEvent {
         timestamp: DateTime<Utc>,
         /// The chat.
         chat_id: Uuid,
+        /// The answer this token belongs to (the id of its `message_stream_started`).
+        message_id: String,
         /// The token text.
         token: String,
     },
@@ -131,12 +138,23 @@ impl ServerEvent {
         }
     }
 
-    /// A `message_stream_token` event.
-    pub fn token(chat_id: Uuid, token: impl Into<String>) -> Self {
+    /// A `message_stream_token` event of the answer `message_id`.
+    pub fn token(chat_id: Uuid, message_id: &str, token: impl Into<String>) -> Self {
         Self::MessageStreamToken {
             timestamp: Utc::now(),
             chat_id,
+            message_id: message_id.to_owned(),
             token: token.into(),
+        }
+    }
+
+    /// How the event changes whether an answer is streaming on its chat (the chat log keeps
+    /// where the open answer began, for sockets that join mid-answer).
+    pub fn answer_mark(&self) -> AnswerMark {
+        match self {
+            Self::MessageStreamStarted { .. } => AnswerMark::Opens,
+            Self::MessageStreamEnded { .. } | Self::Error { .. } => AnswerMark::Closes,
+            _ => AnswerMark::Neither,
         }
     }
 
@@ -145,6 +163,32 @@ impl ServerEvent {
         // Serializing these plain structs cannot fail; fall back to an empty object regardless.
         ByteString::from(serde_json::to_string(self).unwrap_or_else(|_| String::from("{}")))
     }
+}
+
+/// What a chat event does to the chat's open answer (see [`ServerEvent::answer_mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerMark {
+    /// `message_stream_started`: an answer begins (or begins again).
+    Opens,
+    /// `message_stream_ended`, or the `error` that ends an answer.
+    Closes,
+    /// Anything else.
+    Neither,
+}
+
+/// The frame of a chat event with its `seq` (API.md §4.1) added as the last field. Frames made
+/// by [`ServerEvent::to_frame`] are JSON objects, so the closing brace is replaced; the Redis
+/// chat log's publish script does the same in Lua (`broker::redis::log`).
+pub fn with_seq(frame: &str, seq: u64) -> Frame {
+    let body = frame.strip_suffix('}').unwrap_or(frame);
+    ByteString::from(format!("{body},\"seq\":{seq}}}"))
+}
+
+/// The `seq` of a frame made by [`with_seq`], read from its end without parsing the JSON.
+pub fn frame_seq(frame: &str) -> Option<u64> {
+    let body = frame.strip_suffix('}')?;
+    let (_, digits) = body.rsplit_once(",\"seq\":")?;
+    digits.parse().ok()
 }
 
 /// The `event_type` of a frame made by [`ServerEvent::to_frame`] (serde writes the tag first),
@@ -162,8 +206,15 @@ mod tests {
     #[test]
     fn frames_tell_their_event_type_without_parsing() {
         let chat = uuid::Uuid::nil();
-        let token = ServerEvent::token(chat, "hi").to_frame();
+        let token = ServerEvent::token(chat, "msg-1", "hi").to_frame();
         assert_eq!(frame_event_type(&token), Some("message_stream_token"));
+        let sequenced = with_seq(&token, 42);
+        assert_eq!(frame_seq(&sequenced), Some(42));
+        assert_eq!(frame_event_type(&sequenced), Some("message_stream_token"));
+        let v: serde_json::Value = serde_json::from_str(&sequenced).unwrap_or_default();
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["token"], "hi");
+        assert_eq!(frame_seq(&token), None);
         let pong = ServerEvent::Pong {
             timestamp: chrono::Utc::now(),
         };
@@ -173,7 +224,7 @@ mod tests {
     #[test]
     fn events_carry_the_seed_field_names() -> Result<(), serde_json::Error> {
         let chat_id = Uuid::nil();
-        let frame = ServerEvent::token(chat_id, "I'd").to_frame();
+        let frame = ServerEvent::token(chat_id, "msg-1", "I'd").to_frame();
         let v: Value = serde_json::from_str(&frame)?;
         assert_eq!(v["event_type"], "message_stream_token");
         assert_eq!(v["token"], "I'd");

@@ -30,3 +30,16 @@ pub struct Job {
 pub fn message_id() -> String {
     format!("msg-{}", Uuid::now_v7())
 }
+
+/// The id of the answer to a user message: the same on every attempt (API.md §4.1: a restarted
+/// answer begins again under the same `message_id`), so that whichever attempt saves it, the
+/// saved answer carries the id clients saw streaming.
+pub fn answer_id(user_message_id: &str) -> String {
+    format!(
+        "msg-{}",
+        Uuid::new_v5(&ANSWER_NAMESPACE, user_message_id.as_bytes())
+    )
+}
+
+/// The UUIDv5 namespace of answer ids.
+const ANSWER_NAMESPACE: Uuid = Uuid::from_u128(0x5d1f_1c3e_8b0e_4b4a_9a61_0c8e_7f3b_2a19);

@@ -34,6 +34,49 @@ const ADD_USAGE: &str = "INSERT INTO tenant_usage \
 const SELECT_USAGE: &str = "SELECT day, messages, prompt_tokens, completion_tokens \
      FROM tenant_usage WHERE tenant_id = $1 AND day >= $2 AND day <= $3 ORDER BY day";
 
+/// Reserves the next block of a chat's event `seq`s; returns the new reservation's end (both
+/// stores: SQLite takes `$n` parameters too).
+const RESERVE_SEQ: &str =
+    "UPDATE chats SET seq_reserved = seq_reserved + $1 WHERE id = $2 RETURNING seq_reserved";
+
+/// Records that a user message will not be answered (both stores).
+const GIVE_UP: &str = "UPDATE messages SET gave_up_at = $1 WHERE id = $2 AND sender_role = 'user' AND gave_up_at IS NULL";
+
+/// User messages saved before `$1` with no answer and not given up, oldest first (both stores).
+const UNANSWERED: &str = "SELECT m.id, m.chat_id, c.tenant_id, m.user_id, m.content, m.created_at \
+     FROM messages m JOIN chats c ON c.id = m.chat_id \
+     WHERE m.sender_role = 'user' AND m.gave_up_at IS NULL AND m.created_at < $1 \
+       AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.reply_to = m.id) \
+     ORDER BY m.seq LIMIT $2";
+
+/// Rows of [`UNANSWERED`] as jobs to queue again.
+type UnansweredRow = (
+    String,
+    Uuid,
+    Uuid,
+    String,
+    String,
+    chrono::DateTime<chrono::Utc>,
+);
+
+fn unanswered_jobs(rows: Vec<UnansweredRow>) -> Vec<crate::protocol::Job> {
+    rows.into_iter()
+        .map(
+            |(message_id, chat_id, tenant_id, user_id, content, enqueued_at)| {
+                crate::protocol::Job {
+                    message_id,
+                    chat_id,
+                    tenant_id,
+                    user_id,
+                    content,
+                    enqueued_at,
+                    trace: None,
+                }
+            },
+        )
+        .collect()
+}
+
 /// Store failures. Callers map them to `SERVICE_UNAVAILABLE` or `INTERNAL_ERROR`.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -174,9 +217,20 @@ pub trait Store: Send + Sync + 'static {
     async fn answer_to(&self, message_id: &str) -> StoreResult<Option<Message>>;
     /// A page of a chat's messages (by arrival order) and their total count.
     async fn list_messages(&self, chat_id: Uuid, page: Page) -> StoreResult<(Vec<Message>, i64)>;
-    /// User messages that have no answer yet, oldest first, as jobs to queue again (used by the
-    /// embedded mode at start-up, whose in-process queue did not survive the restart).
-    async fn unanswered(&self, limit: u32) -> StoreResult<Vec<crate::protocol::Job>>;
+    /// User messages saved before `saved_before` that have no answer and were not given up,
+    /// oldest first, as jobs to queue again: by the embedded mode at start-up (its in-process
+    /// queue did not survive the restart) and by the workers' sweep (Redis lost its data).
+    async fn unanswered(
+        &self,
+        saved_before: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<crate::protocol::Job>>;
+    /// Records that a user message will not be answered (its answer failed for good), so that
+    /// it is not queued again.
+    async fn give_up(&self, message_id: &str) -> StoreResult<()>;
+    /// Reserves the chat's next `block` event `seq`s; returns the end of the reservation (every
+    /// `seq` ever issued for the chat is at or below it), `None` when the chat does not exist.
+    async fn reserve_seq(&self, chat_id: Uuid, block: u64) -> StoreResult<Option<u64>>;
     /// Up to `limit` messages saved before `message_id`, oldest first (conversation context).
     async fn history_before(
         &self,

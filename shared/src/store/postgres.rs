@@ -349,31 +349,32 @@ impl Store for PgStore {
         Ok((messages(rows)?, total))
     }
 
-    async fn unanswered(&self, limit: u32) -> StoreResult<Vec<Job>> {
-        let rows: Vec<(String, Uuid, Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT m.id, m.chat_id, c.tenant_id, m.user_id, m.content, m.created_at \
-             FROM messages m JOIN chats c ON c.id = m.chat_id \
-             WHERE m.sender_role = 'user' \
-               AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.reply_to = m.id) \
-             ORDER BY m.seq LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(message_id, chat_id, tenant_id, user_id, content, enqueued_at)| Job {
-                    message_id,
-                    chat_id,
-                    tenant_id,
-                    user_id,
-                    content,
-                    enqueued_at,
-                    trace: None,
-                },
-            )
-            .collect())
+    async fn unanswered(&self, saved_before: DateTime<Utc>, limit: u32) -> StoreResult<Vec<Job>> {
+        let rows: Vec<super::UnansweredRow> = sqlx::query_as(super::UNANSWERED)
+            .bind(saved_before)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(super::unanswered_jobs(rows))
+    }
+
+    async fn give_up(&self, message_id: &str) -> StoreResult<()> {
+        sqlx::query(super::GIVE_UP)
+            .bind(Utc::now())
+            .bind(message_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn reserve_seq(&self, chat_id: Uuid, block: u64) -> StoreResult<Option<u64>> {
+        let block = i64::try_from(block).unwrap_or(i64::MAX);
+        let reserved: Option<i64> = sqlx::query_scalar(super::RESERVE_SEQ)
+            .bind(block)
+            .bind(chat_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(reserved.map(|r| u64::try_from(r).unwrap_or(0)))
     }
 
     async fn history_before(

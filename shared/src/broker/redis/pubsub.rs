@@ -2,15 +2,20 @@
 //! events into the hub and cancel requests to the workers, subscribing chats as their first
 //! local socket arrives and unsubscribing after their last.
 
-use std::{sync::Weak, time::Duration};
+use std::{
+    sync::{Weak, atomic::Ordering},
+    time::Duration,
+};
 
 use bytestring::ByteString;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{Control, RedisBroker, STAMP};
+use crate::broker::{BrokerError, Sequenced, Subscription};
 use crate::metrics::{metrics, seconds_since};
+use crate::protocol::frame_seq;
 use crate::telemetry::trace;
 
 /// Turns the hub's "chat emptied" reports into subscriber requests.
@@ -56,6 +61,14 @@ pub(super) async fn subscriber(
         if sink.subscribe(&channels).await.is_err() {
             continue;
         }
+        let Some(b) = broker.upgrade() else { return };
+        b.live.store(true, Ordering::Release);
+        // Events published while the connection was down reached no feed: tell the feeds the
+        // chats' latest `seq`s, and their sockets read the rest from the log.
+        hint_latest(&b, &chats).await;
+        drop(b);
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.tick().await;
         loop {
             let request = match pending.take() {
                 Some(r) => r,
@@ -64,6 +77,14 @@ pub(super) async fn subscriber(
                         let Some(msg) = msg else { break };
                         let Some(b) = broker.upgrade() else { return };
                         deliver(&b, &prefix, &cancel_channel, &msg);
+                        continue;
+                    }
+                    _ = keepalive.tick() => {
+                        let pong = tokio::time::timeout(KEEPALIVE, sink.ping::<redis::Value>()).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            tracing::warn!("redis pub/sub connection unresponsive");
+                            break;
+                        }
                         continue;
                     }
                     request = control.recv() => match request {
@@ -101,7 +122,55 @@ pub(super) async fn subscriber(
                 let _ = done.send(());
             }
         }
+        if let Some(b) = broker.upgrade() {
+            b.live.store(false, Ordering::Release);
+        }
         tracing::warn!("redis pub/sub connection lost; reconnecting");
+    }
+}
+
+/// How often the pub/sub connection is pinged, and how long a ping may take.
+const KEEPALIVE: Duration = Duration::from_secs(3);
+
+/// Hints every feed with the chat's latest `seq` (after a reconnect).
+async fn hint_latest(b: &RedisBroker, chats: &[Uuid]) {
+    if chats.is_empty() {
+        return;
+    }
+    match b.latest_seqs(chats).await {
+        Ok(latest) => {
+            for (chat, seq) in chats.iter().zip(latest) {
+                // A chat whose meta Redis lost starts again past every `seq` it issued: its
+                // sockets then find the events they lack unavailable and are sent to resume.
+                let seq = match seq {
+                    Some(seq) => seq,
+                    None => match crate::broker::ChatLog::head(b, *chat).await {
+                        Ok(head) => head.latest,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not restart a chat's log");
+                            continue;
+                        }
+                    },
+                };
+                b.hub.hint(*chat, seq);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read the chats' latest seqs"),
+    }
+}
+
+impl RedisBroker {
+    /// Subscribes a socket to the chat's feed, and the process to its channel if it is the
+    /// chat's first local socket; returns once the channel is live.
+    pub(super) async fn subscribe_live(&self, chat_id: Uuid) -> Result<Subscription, BrokerError> {
+        let (sub, _) = self.hub.subscribe(chat_id);
+        let (done, live) = oneshot::channel();
+        self.control
+            .send(Control::Subscribe(chat_id, done))
+            .map_err(|_| BrokerError::Closed)?;
+        live.await
+            .map_err(|_| BrokerError::Unavailable("redis pub/sub unavailable".into()))?;
+        Ok(sub)
     }
 }
 
@@ -126,12 +195,12 @@ fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg
     let _forwarding = stamp
         .and_then(read_stamp)
         .map(|t| trace::forward_first_token(chat, t).entered());
-    for line in lines.filter(|line| !line.is_empty()) {
+    let events = lines
+        .filter(|line| !line.is_empty())
         // Each line is a whole JSON text, so valid UTF-8 on its own.
-        if let Ok(frame) = ByteString::try_from(payload.slice_ref(line)) {
-            b.hub.send(chat, frame);
-        }
-    }
+        .filter_map(|line| ByteString::try_from(payload.slice_ref(line)).ok())
+        .filter_map(|frame| frame_seq(&frame).map(|seq| Sequenced { seq, frame }));
+    b.hub.push(chat, events);
 }
 
 /// Observes token delivery from a stamp line (`@<unix micros>[ <traceparent>]`); returns the

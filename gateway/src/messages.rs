@@ -1,0 +1,129 @@
+//! Accepting a chat message: the domain step behind a socket's message frame, callable without
+//! a socket. In order: the connection's rate, the tenant's daily quota, the durable save, then
+//! one broker step that appends `message_received` to the chat's log and queues the job, so that
+//! `message_received` is only ever sent for a saved message and precedes its answer on every
+//! socket. Without the broker the message stays saved but unannounced: the sender is told the
+//! service is unavailable instead, and the workers' unanswered sweep answers it later.
+
+use std::num::NonZeroU32;
+
+use chrono::Utc;
+use governor::{Quota, RateLimiter, clock::Clock, clock::DefaultClock};
+use serde_json::{Map, Value};
+use shared::protocol::{Job, ServerEvent};
+use shared::telemetry::trace;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::{error::ApiError, state::AppState};
+
+/// A connection's message rate limiter.
+pub type MessageLimiter = governor::DefaultDirectRateLimiter;
+
+/// A limiter allowing `per_second` messages per second (at least one).
+pub fn limiter(per_second: u32) -> MessageLimiter {
+    let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::direct(Quota::per_second(per_second))
+}
+
+/// Who sends a message, and the limits that apply to their connection.
+pub struct Sender<'a> {
+    /// The tenant.
+    pub tenant_id: Uuid,
+    /// The chat.
+    pub chat_id: Uuid,
+    /// The user.
+    pub user_id: &'a str,
+    /// The connection's limiter.
+    pub limiter: &'a MessageLimiter,
+    /// The limit it enforces (for the error message).
+    pub per_second: u32,
+}
+
+/// A message to accept.
+pub struct NewMessage {
+    /// The text.
+    pub content: String,
+    /// The client's metadata.
+    pub metadata: Map<String, Value>,
+}
+
+/// Accepts one chat message; its `message_received` reaches the chat's sockets.
+pub async fn accept(
+    state: &AppState,
+    sender: &Sender<'_>,
+    message: NewMessage,
+) -> Result<(), ApiError> {
+    if let Err(not_until) = sender.limiter.check() {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        return Err(ApiError::TooManyMessages {
+            per_second: sender.per_second,
+            retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+        });
+    }
+    check_quota(state, sender.tenant_id).await?;
+    let span = tracing::debug_span!(
+        target: trace::TARGET,
+        "message",
+        chat.id = %sender.chat_id,
+        tenant.id = %sender.tenant_id,
+        message.id = tracing::field::Empty,
+    );
+    save_and_queue(state, sender, message)
+        .instrument(span)
+        .await
+}
+
+/// Refuses the message when the tenant's daily token quota is spent.
+async fn check_quota(state: &AppState, tenant_id: Uuid) -> Result<(), ApiError> {
+    let Some(tenant) = state.tenants.by_id(tenant_id).await? else {
+        return Ok(());
+    };
+    let Some(quota) = tenant.settings.daily_token_quota else {
+        return Ok(());
+    };
+    let store = state.store.as_ref();
+    if state.quotas.exhausted(store, tenant_id, quota).await? {
+        return Err(ApiError::QuotaExceeded(quota));
+    }
+    Ok(())
+}
+
+async fn save_and_queue(
+    state: &AppState,
+    sender: &Sender<'_>,
+    message: NewMessage,
+) -> Result<(), ApiError> {
+    let (chat_id, user_id) = (sender.chat_id, sender.user_id.to_owned());
+    let saved = state
+        .store
+        .add_user_message(chat_id, &user_id, &message.content, &message.metadata)
+        .instrument(tracing::debug_span!(target: trace::TARGET, "store.save_message"))
+        .await?;
+    tracing::Span::current().record("message.id", saved.id.as_str());
+    let received = ServerEvent::MessageReceived {
+        timestamp: Utc::now(),
+        message_id: saved.id.clone(),
+        chat_id,
+        user_id: user_id.clone(),
+        content: message.content.clone(),
+    };
+    let enqueue =
+        tracing::debug_span!(target: trace::TARGET, "broker.enqueue", otel.kind = "producer");
+    let job = Job {
+        message_id: saved.id,
+        chat_id,
+        tenant_id: sender.tenant_id,
+        user_id,
+        content: message.content,
+        enqueued_at: Utc::now(),
+        trace: trace::traceparent(&enqueue),
+    };
+    state
+        .broker
+        .announce_and_enqueue(&received, job)
+        .instrument(enqueue)
+        .await?;
+    shared::metrics::metrics().messages_received.inc();
+    Ok(())
+}
