@@ -76,6 +76,9 @@ async fn refuse(mut session: Session, err: &ApiError) {
     }
 }
 
+/// How long the last words to a socket may take (its error event, its close frame).
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(200);
+
 fn close(code: CloseCode, description: &str) -> CloseReason {
     CloseReason {
         code,
@@ -204,7 +207,10 @@ impl Connection {
             reason => reason,
         };
         if let Some(reason) = reason {
-            let _ = Box::pin(self.session.clone().close(Some(reason))).await;
+            // Bounded: a client that stopped reading takes no close frame either; dropping the
+            // session then ends the connection.
+            let closing = self.session.clone().close(Some(reason));
+            let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, closing)).await;
         }
     }
 

@@ -4,6 +4,7 @@
 mod admin;
 mod clients;
 mod cluster;
+mod delivery;
 mod helpers;
 mod models;
 mod ops;
