@@ -4,6 +4,11 @@
 //! `message_received` is only ever sent for a saved message and precedes its answer on every
 //! socket. Without the broker the message stays saved but unannounced: the sender is told the
 //! service is unavailable instead, and the workers' unanswered sweep answers it later.
+//!
+//! Idempotent send: a message carrying a `client_message_id` already saved in the chat (the
+//! store's unique key, so across gateways, kept as long as the message) saves nothing and starts
+//! no answer; the sender gets the original `message_received` again, without a `seq` (it is
+//! that socket's event alone; the original, with its `seq`, is in the chat log).
 
 use std::num::NonZeroU32;
 
@@ -11,6 +16,7 @@ use chrono::Utc;
 use governor::{Quota, RateLimiter, clock::Clock, clock::DefaultClock};
 use serde_json::{Map, Value};
 use shared::protocol::{Job, ServerEvent};
+use shared::store::{Message, NewUserMessage, Saved};
 use shared::telemetry::trace;
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -46,14 +52,26 @@ pub struct NewMessage {
     pub content: String,
     /// The client's metadata.
     pub metadata: Map<String, Value>,
+    /// The sender's idempotency key.
+    pub client_message_id: Option<String>,
 }
 
-/// Accepts one chat message; its `message_received` reaches the chat's sockets.
+/// What accepting a message did.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Saved and queued; its `message_received` reaches every socket of the chat.
+    Queued,
+    /// Its `client_message_id` was seen before in the chat (on any gateway): nothing saved,
+    /// no answer started; this is the original `message_received`, for the sender alone.
+    Repeat(ServerEvent),
+}
+
+/// Accepts one chat message.
 pub async fn accept(
     state: &AppState,
     sender: &Sender<'_>,
     message: NewMessage,
-) -> Result<(), ApiError> {
+) -> Result<Outcome, ApiError> {
     if let Err(not_until) = sender.limiter.check() {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
         return Err(ApiError::TooManyMessages {
@@ -89,25 +107,40 @@ async fn check_quota(state: &AppState, tenant_id: Uuid) -> Result<(), ApiError> 
     Ok(())
 }
 
+fn received(saved: &Message) -> ServerEvent {
+    ServerEvent::MessageReceived {
+        timestamp: Utc::now(),
+        message_id: saved.id.clone(),
+        chat_id: saved.chat_id,
+        user_id: saved.user_id.clone(),
+        content: saved.content.clone(),
+    }
+}
+
 async fn save_and_queue(
     state: &AppState,
     sender: &Sender<'_>,
     message: NewMessage,
-) -> Result<(), ApiError> {
+) -> Result<Outcome, ApiError> {
     let (chat_id, user_id) = (sender.chat_id, sender.user_id.to_owned());
+    let new = NewUserMessage {
+        chat_id,
+        user_id: &user_id,
+        content: &message.content,
+        metadata: &message.metadata,
+        client_message_id: message.client_message_id.as_deref(),
+    };
     let saved = state
         .store
-        .add_user_message(chat_id, &user_id, &message.content, &message.metadata)
+        .save_user_message(&new)
         .instrument(tracing::debug_span!(target: trace::TARGET, "store.save_message"))
         .await?;
-    tracing::Span::current().record("message.id", saved.id.as_str());
-    let received = ServerEvent::MessageReceived {
-        timestamp: Utc::now(),
-        message_id: saved.id.clone(),
-        chat_id,
-        user_id: user_id.clone(),
-        content: message.content.clone(),
+    let saved = match saved {
+        Saved::New(saved) => saved,
+        Saved::Repeat(original) => return Ok(Outcome::Repeat(received(&original))),
     };
+    tracing::Span::current().record("message.id", saved.id.as_str());
+    let received = received(&saved);
     let enqueue =
         tracing::debug_span!(target: trace::TARGET, "broker.enqueue", otel.kind = "producer");
     let job = Job {
@@ -125,5 +158,5 @@ async fn save_and_queue(
         .instrument(enqueue)
         .await?;
     shared::metrics::metrics().messages_received.inc();
-    Ok(())
+    Ok(Outcome::Queued)
 }

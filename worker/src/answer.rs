@@ -555,6 +555,7 @@ mod tests {
             content: content.into(),
             metadata: Map::new(),
             reply_to: None,
+            client_message_id: None,
             created_at: Utc::now(),
         }
     }

@@ -26,7 +26,7 @@ use shared::protocol::{
 
 use super::cursor::{ChatCursor, CursorEnd, Step};
 use super::handshake::{self, Accepted, HandshakeParams};
-use crate::messages::{self, MessageLimiter, NewMessage, Sender};
+use crate::messages::{self, MessageLimiter, NewMessage, Outcome, Sender};
 use crate::{error::ApiError, state::AppState};
 use shared::broker::Subscription;
 use shared::metrics::metrics;
@@ -411,7 +411,11 @@ impl Connection {
                     Err(e) => self.send(ApiError::from(e).to_event()).await,
                 }
             }
-            Ok(ClientFrame::Message { content, metadata }) => {
+            Ok(ClientFrame::Message {
+                content,
+                metadata,
+                client_message_id,
+            }) => {
                 let sender = Sender {
                     tenant_id: self.accepted.tenant_id,
                     chat_id: self.accepted.chat_id,
@@ -419,10 +423,15 @@ impl Connection {
                     limiter: &self.limiter,
                     per_second: self.accepted.messages_per_second,
                 };
-                let message = NewMessage { content, metadata };
+                let message = NewMessage {
+                    content,
+                    metadata,
+                    client_message_id,
+                };
                 // Boxed: the socket's task then carries a pointer while idle, not this future.
                 match Box::pin(messages::accept(&self.state, &sender, message)).await {
-                    Ok(()) => ControlFlow::Continue(()),
+                    Ok(Outcome::Queued) => ControlFlow::Continue(()),
+                    Ok(Outcome::Repeat(original)) => self.send(original).await,
                     Err(e) => self.send(e.to_event()).await,
                 }
             }

@@ -288,3 +288,38 @@ async fn a_malformed_last_seq_is_refused_at_the_handshake() -> TestResult {
     assert_eq!(code, 1008);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_repeated_client_message_id_saves_nothing_and_answers_once() -> TestResult {
+    let app = spawn_app().await;
+    let chat = app.chat("u1").await;
+    let mut ws = app.ws(&app.api_key, "u1", &chat).await;
+    ws.next().await;
+    let frame = json!({"content": "only once", "client_message_id": "c-1"});
+    ws.send_json(frame.clone()).await;
+    let first = ws.until("message_stream_ended").await;
+    // Resent on another socket, as a client that reconnected before it saw the answer would.
+    let mut again = app.ws(&app.api_key, "u1", &chat).await;
+    again.next().await;
+    again.send_json(frame).await;
+    let repeat = again.next().await;
+    assert_eq!(repeat["event_type"], "message_received");
+    assert_eq!(repeat["message_id"], first[0]["message_id"]);
+    assert!(repeat.get("seq").is_none(), "the sender's copy only");
+    again.send_json(json!({"type": "ping"})).await;
+    assert_eq!(
+        again.next().await["event_type"],
+        "pong",
+        "no answer started"
+    );
+    let saved: Value = app
+        .get(&app.api_key, &format!("/api/v1/chats/{chat}/messages"))
+        .await
+        .json()
+        .await?;
+    assert_eq!(saved["total"], 2, "one message, one answer: {saved}");
+    ws.send_json(json!({"content": "x", "client_message_id": ""}))
+        .await;
+    assert_eq!(ws.next().await["error_code"], "INVALID_MESSAGE");
+    Ok(())
+}

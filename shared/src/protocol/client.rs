@@ -11,6 +11,8 @@ pub enum ClientFrame {
         content: String,
         /// Client metadata saved with the message (an empty object when absent).
         metadata: Map<String, Value>,
+        /// The sender's idempotency key (1 to 64 characters, API.md §4.1).
+        client_message_id: Option<String>,
     },
     /// `{"type": "ping"}`.
     Ping,
@@ -75,7 +77,24 @@ pub fn parse_client_frame(text: &str, max_content_bytes: usize) -> Result<Client
             ));
         }
     };
-    Ok(ClientFrame::Message { content, metadata })
+    let client_message_id = match obj.remove("client_message_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id))
+            if (1..=64).contains(&id.chars().count()) && !id.chars().any(char::is_control) =>
+        {
+            Some(id)
+        }
+        Some(_) => {
+            return Err(FrameError::Invalid(
+                "client_message_id must be a string of 1 to 64 characters",
+            ));
+        }
+    };
+    Ok(ClientFrame::Message {
+        content,
+        metadata,
+        client_message_id,
+    })
 }
 
 /// Checks a tenant-chosen `user_id`: 1 to 128 characters, no control characters.
@@ -118,6 +137,8 @@ mod tests {
             r#"{"content":""}"#,
             r#"{"content":5}"#,
             r#"{"content":"x","metadata":[]}"#,
+            r#"{"content":"x","client_message_id":""}"#,
+            r#"{"content":"x","client_message_id":7}"#,
         ] {
             assert!(
                 matches!(parse_client_frame(bad, 10), Err(FrameError::Invalid(_))),

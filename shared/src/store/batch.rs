@@ -18,11 +18,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use serde_json::{Map, Value};
 use tokio::sync::{Mutex, mpsc, oneshot};
-use uuid::Uuid;
 
-use super::{Message, NewAnswer, Role};
+use super::{Message, NewAnswer, NewUserMessage, Role};
 
 /// Most rows committed in one batch.
 pub const MAX_BATCH: usize = 512;
@@ -31,20 +29,16 @@ pub const MAX_BATCH: usize = 512;
 pub type RowResult = Result<bool, sqlx::Error>;
 
 /// A new user message, stamped now.
-fn user_message(
-    chat_id: Uuid,
-    user_id: &str,
-    content: &str,
-    metadata: &Map<String, Value>,
-) -> Message {
+fn user_message(new: &NewUserMessage<'_>) -> Message {
     Message {
         id: crate::protocol::message_id(),
-        chat_id,
+        chat_id: new.chat_id,
         role: Role::User,
-        user_id: user_id.to_owned(),
-        content: content.to_owned(),
-        metadata: metadata.clone(),
+        user_id: new.user_id.to_owned(),
+        content: new.content.to_owned(),
+        metadata: new.metadata.clone(),
         reply_to: None,
+        client_message_id: new.client_message_id.map(str::to_owned),
         created_at: Utc::now(),
     }
 }
@@ -59,6 +53,7 @@ fn answer_message(a: &NewAnswer) -> Message {
         content: a.content.clone(),
         metadata: a.metadata.clone(),
         reply_to: Some(a.reply_to.clone()),
+        client_message_id: None,
         created_at: Utc::now(),
     }
 }
@@ -106,16 +101,15 @@ impl Writer {
     }
 
     /// Saves a new user message; the message as saved.
+    /// Saves a user message; the flag is false (and nothing saved) when its
+    /// `client_message_id` was already used in the chat.
     pub async fn add_user_message(
         &self,
-        chat_id: Uuid,
-        user_id: &str,
-        content: &str,
-        metadata: &Map<String, Value>,
-    ) -> Result<Message, sqlx::Error> {
-        let message = user_message(chat_id, user_id, content, metadata);
-        self.insert(message.clone()).await?;
-        Ok(message)
+        new: &NewUserMessage<'_>,
+    ) -> Result<(Message, bool), sqlx::Error> {
+        let message = user_message(new);
+        let inserted = self.insert(message.clone()).await?;
+        Ok((message, inserted))
     }
 
     /// Saves an answer; `Ok(false)` when its message already has one.

@@ -122,6 +122,31 @@ pub struct NewAnswer {
     pub metadata: Map<String, Value>,
 }
 
+/// A new user message to save.
+#[derive(Debug, Clone, Copy)]
+pub struct NewUserMessage<'a> {
+    /// Its chat.
+    pub chat_id: Uuid,
+    /// Its sender.
+    pub user_id: &'a str,
+    /// The text.
+    pub content: &'a str,
+    /// The client's metadata.
+    pub metadata: &'a Map<String, Value>,
+    /// The sender's idempotency key, unique per chat (API.md §4.1).
+    pub client_message_id: Option<&'a str>,
+}
+
+/// What saving a user message did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Saved {
+    /// The message is saved (durably, when this returns).
+    New(Message),
+    /// Its `client_message_id` was seen before in the chat: nothing was saved; this is the
+    /// message first saved under it.
+    Repeat(Message),
+}
+
 /// Everything the product persists. All methods are scoped so that a tenant never sees another's data.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -210,7 +235,26 @@ pub trait Store: Send + Sync + 'static {
         user_id: &str,
         content: &str,
         metadata: &Map<String, Value>,
-    ) -> StoreResult<Message>;
+    ) -> StoreResult<Message> {
+        let new = NewUserMessage {
+            chat_id,
+            user_id,
+            content,
+            metadata,
+            client_message_id: None,
+        };
+        match self.save_user_message(&new).await? {
+            Saved::New(m) | Saved::Repeat(m) => Ok(m),
+        }
+    }
+    /// Saves a user message unless its `client_message_id` was seen in the chat before.
+    async fn save_user_message(&self, new: &NewUserMessage<'_>) -> StoreResult<Saved>;
+    /// The user message saved in the chat under a `client_message_id`.
+    async fn message_by_client_id(
+        &self,
+        chat_id: Uuid,
+        client_message_id: &str,
+    ) -> StoreResult<Option<Message>>;
     /// Saves an answer; false (and nothing saved) when `reply_to` already has one.
     async fn add_answer(&self, answer: &NewAnswer) -> StoreResult<bool>;
     /// The saved answer to a user message, if any.

@@ -144,6 +144,8 @@ pub struct Message {
     pub metadata: Map<String, Value>,
     /// For an answer, the user message it answers.
     pub reply_to: Option<String>,
+    /// For a user message, the sender's idempotency key, if it sent one (API.md §4.1).
+    pub client_message_id: Option<String>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
 }

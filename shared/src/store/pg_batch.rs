@@ -17,8 +17,9 @@ use super::batch::{CommitRows, RowResult};
 /// Inserts a message and bumps its chat's counters; affects one row, or none when `reply_to`
 /// already has an answer.
 const INSERT_MESSAGE: &str = "WITH m AS ( \
-        INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING chat_id, created_at) \
+        INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at, \
+            client_message_id) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING RETURNING chat_id, created_at) \
     UPDATE chats SET message_count = message_count + 1, last_message_at = m.created_at, \
         updated_at = m.created_at FROM m WHERE chats.id = m.chat_id";
 
@@ -28,11 +29,13 @@ const LOCK_CHATS: &str = "SELECT 1 FROM chats WHERE id = ANY($1) ORDER BY id FOR
 /// Inserts a batch given as arrays, in their order, and bumps the counters of each chat;
 /// returns the ids inserted (a row whose `reply_to` already has an answer is not).
 const INSERT_BATCH: &str = "WITH m AS ( \
-        INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at) \
-        SELECT id, chat_id, sender_role, user_id, content, metadata::jsonb, reply_to, created_at \
+        INSERT INTO messages (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at, \
+            client_message_id) \
+        SELECT id, chat_id, sender_role, user_id, content, metadata::jsonb, reply_to, created_at, client_message_id \
         FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                    $7::text[], $8::timestamptz[]) \
-             WITH ORDINALITY AS r(id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at, n) \
+                    $7::text[], $8::timestamptz[], $9::text[]) \
+             WITH ORDINALITY AS r(id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at, \
+                                  client_message_id, n) \
         ORDER BY n ON CONFLICT DO NOTHING RETURNING id, chat_id, created_at), \
     c AS (UPDATE chats SET message_count = message_count + s.n, last_message_at = s.at, updated_at = s.at \
         FROM (SELECT chat_id, count(*) AS n, max(created_at) AS at FROM m GROUP BY chat_id) s \
@@ -73,6 +76,7 @@ pub async fn insert_one(pool: &PgPool, m: &Message) -> RowResult {
         .bind(Json(&m.metadata))
         .bind(&m.reply_to)
         .bind(m.created_at)
+        .bind(&m.client_message_id)
         .execute(pool)
         .await?;
     Ok(done.rows_affected() == 1)
@@ -103,6 +107,11 @@ async fn insert_batch(
                 .collect::<Vec<_>>(),
         )
         .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.client_message_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -17,7 +17,8 @@ use super::batch::Writer;
 use super::pg_batch::PgRows;
 use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, TenantRow, messages};
 use super::{
-    Chat, DailyUsage, Message, NewAnswer, Page, Store, StoreResult, Tenant, TenantSettings,
+    Chat, DailyUsage, Message, NewAnswer, NewUserMessage, Page, Saved, Store, StoreError,
+    StoreResult, Tenant, TenantSettings,
 };
 use crate::protocol::Job;
 
@@ -305,17 +306,32 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn add_user_message(
+    async fn save_user_message(&self, new: &NewUserMessage<'_>) -> StoreResult<Saved> {
+        let (message, inserted) = self.writer.add_user_message(new).await?;
+        if inserted {
+            return Ok(Saved::New(message));
+        }
+        let key = new.client_message_id.unwrap_or_default();
+        self.message_by_client_id(new.chat_id, key)
+            .await?
+            .map(Saved::Repeat)
+            .ok_or_else(|| StoreError::Corrupt("a user message was neither saved nor found".into()))
+    }
+
+    async fn message_by_client_id(
         &self,
         chat_id: Uuid,
-        user_id: &str,
-        content: &str,
-        metadata: &Map<String, Value>,
-    ) -> StoreResult<Message> {
-        Ok(self
-            .writer
-            .add_user_message(chat_id, user_id, content, metadata)
-            .await?)
+        client_message_id: &str,
+    ) -> StoreResult<Option<Message>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{MESSAGE_COLS} WHERE chat_id = $1 AND client_message_id = $2"
+        ));
+        let row = sqlx::query_as::<_, MessageRow>(sql)
+            .bind(chat_id)
+            .bind(client_message_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(Message::try_from).transpose()
     }
 
     async fn add_answer(&self, a: &NewAnswer) -> StoreResult<bool> {

@@ -66,6 +66,7 @@ pub(super) struct MessageRow {
     content: String,
     metadata: Json<Map<String, Value>>,
     reply_to: Option<String>,
+    client_message_id: Option<String>,
     created_at: DateTime<Utc>,
 }
 
@@ -85,6 +86,7 @@ impl TryFrom<MessageRow> for Message {
             content: r.content,
             metadata: r.metadata.0,
             reply_to: r.reply_to,
+            client_message_id: r.client_message_id,
             created_at: r.created_at,
         })
     }
@@ -95,7 +97,7 @@ pub(super) const TENANT_COLS: &str =
 pub(super) const CHAT_COLS: &str = "SELECT id, tenant_id, user_id, title, metadata, created_at, updated_at, \
                          last_message_at, message_count FROM chats";
 pub(super) const MESSAGE_COLS: &str = "SELECT id, chat_id, sender_role, user_id, content, metadata, reply_to, \
-                            created_at FROM messages";
+                            client_message_id, created_at FROM messages";
 
 pub(super) fn messages(rows: Vec<MessageRow>) -> StoreResult<Vec<Message>> {
     rows.into_iter().map(Message::try_from).collect()

@@ -70,8 +70,8 @@ where
 {
     let done = sqlx::query(
         "INSERT INTO messages \
-         (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+         (id, chat_id, sender_role, user_id, content, metadata, reply_to, created_at, client_message_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
     )
     .bind(&r.id)
     .bind(r.chat_id)
@@ -81,6 +81,7 @@ where
     .bind(Json(&r.metadata))
     .bind(&r.reply_to)
     .bind(r.created_at)
+    .bind(&r.client_message_id)
     .execute(executor)
     .await?;
     Ok(done.rows_affected() == 1)
