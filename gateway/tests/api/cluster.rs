@@ -81,7 +81,7 @@ impl Node {
         false
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL: no goodbye to Redis
         let _ = self.child.wait();
     }

@@ -5,6 +5,7 @@ mod admin;
 mod clients;
 mod cluster;
 mod delivery;
+mod faults;
 mod helpers;
 mod models;
 mod ops;
