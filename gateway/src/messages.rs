@@ -151,6 +151,7 @@ async fn save_and_queue(
         content: message.content,
         enqueued_at: Utc::now(),
         trace: trace::traceparent(&enqueue),
+        earlier_attempts: 0,
     };
     state
         .broker

@@ -51,6 +51,8 @@ async fn sweep_once(ctx: &Context, period: Duration, after: Duration) -> anyhow:
             continue;
         }
         job.enqueued_at = Utc::now();
+        // At least one attempt was made (or the job was lost before one): the answer restarts.
+        job.earlier_attempts = job.earlier_attempts.max(1);
         ctx.broker.enqueue(job).await?;
         queued += 1;
     }

@@ -6,8 +6,9 @@
 //! total rate. Every socket checks the protocol (event order, `message_stream_ended.content`
 //! equal to its tokens). The report gives ack latency and time to first token (p50/p99), tokens
 //! per second delivered to all sockets, and protocol violations. `--idle` only holds sockets
-//! open, for memory measurements.
+//! open, for memory measurements. `loadgen drill` runs fault drills instead ([`drill`]).
 
+mod drill;
 mod setup;
 mod socket;
 mod stats;
@@ -23,11 +24,7 @@ use clap::Parser;
 use tokio::sync::{Barrier, mpsc};
 
 /// Command-line options.
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "loadgen",
-    about = "Load generator for Parley's WebSocket chat API"
-)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Gateway base URL.
     #[arg(long, default_value = "http://127.0.0.1:8000")]
@@ -74,9 +71,33 @@ pub struct Args {
     pub report: Option<std::path::PathBuf>,
 }
 
+/// The command line: a load run (the flags above), or a subcommand.
+#[derive(Debug, Parser)]
+#[command(name = "loadgen", args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    load: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Fault drills: drive chats while killing and restarting parts of a deployment, then
+    /// check every acknowledged message against the saved history.
+    Drill(drill::DrillArgs),
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Drill(args)) => drill::run(args).await,
+        None => load(cli.load).await,
+    }
+}
+
+async fn load(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.chats >= 1 && args.sockets >= args.chats,
         "need sockets >= chats >= 1"

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use tokio::sync::{Mutex, broadcast, mpsc};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{
@@ -213,20 +214,30 @@ impl ChatLog for MemoryBroker {
         &self,
         chat_id: Uuid,
         events: &[ServerEvent],
-        _options: PublishOptions<'_>,
+        options: PublishOptions<'_>,
     ) -> Result<u64, BrokerError> {
         if events.is_empty() {
             return self.head(chat_id).await.map(|h| h.latest);
         }
         self.sweep_idle();
-        // A block holds far more events than one publish, so this loops at most twice.
-        for _ in 0..3 {
-            if let Some(last) = self.try_append(chat_id, events) {
-                return Ok(last);
+        // Handing an answer's first token to the sockets is traced as the gateways' part.
+        let forwarding = options
+            .first_token_trace
+            .map_or_else(tracing::Span::none, |t| {
+                crate::telemetry::trace::forward_first_token(chat_id, t)
+            });
+        async {
+            // A block holds far more events than one publish, so this loops at most twice.
+            for _ in 0..3 {
+                if let Some(last) = self.try_append(chat_id, events) {
+                    return Ok(last);
+                }
+                self.extend(chat_id).await?;
             }
-            self.extend(chat_id).await?;
+            Err(BrokerError::Unavailable("could not reserve seqs".into()))
         }
-        Err(BrokerError::Unavailable("could not reserve seqs".into()))
+        .instrument(forwarding)
+        .await
     }
 
     async fn read(&self, chat_id: Uuid, after: u64, limit: usize) -> Result<Read, BrokerError> {

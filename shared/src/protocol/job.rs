@@ -24,6 +24,14 @@ pub struct Job {
     /// worker's spans join the message's trace (see `telemetry::trace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
+    /// Attempts made before this job was queued again by the unanswered sweep (after Redis lost
+    /// it): its deliveries count on from there, so its answer restarts with `attempt` ≥ 2.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub earlier_attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A new message id in the wire form `msg-<uuid>` (UUIDv7, so ids sort by creation time).

@@ -71,6 +71,7 @@ fn unanswered_jobs(rows: Vec<UnansweredRow>) -> Vec<crate::protocol::Job> {
                     content,
                     enqueued_at,
                     trace: None,
+                    earlier_attempts: 0,
                 }
             },
         )

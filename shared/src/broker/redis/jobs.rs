@@ -111,6 +111,7 @@ impl RedisBroker {
         let job: Job = serde_json::from_str(&raw)
             .map_err(|e| BrokerError::Unavailable(format!("job entry does not parse: {e}")))?;
         let seq: u64 = entry.get("seq").unwrap_or(0);
+        let attempt = attempt.saturating_add(job.earlier_attempts);
         self.in_flight.insert(entry.id.clone(), ());
         Ok(Delivery {
             id: entry.id.clone(),

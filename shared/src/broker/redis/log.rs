@@ -58,7 +58,7 @@ local function append(first)
   local excess = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[3])
   while excess > 0 do
     local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-    if tonumber(oldest[2][2]) >= now - tonumber(ARGV[4]) then break end
+    if tonumber(oldest[2][2]) > now - tonumber(ARGV[4]) then break end
     redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', tonumber(string.match(oldest[1], '^%d+')) + 1))
     excess = excess - 1
   end
