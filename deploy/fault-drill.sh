@@ -11,7 +11,8 @@
 # differing from the saved text, duplicate events, RESUME_UNAVAILABLE, reconnects, recovery
 # time). Exit 1 when any drill lost, doubled or garbled an answer.
 #   deploy/fault-drill.sh [loadgen drill flags, e.g. --chats 50 --messages 6]
-# RELEASE=0 uses debug builds. Against a compose deployment, run `loadgen drill` directly with
+# DRILLS="gateway redis" runs only those; RELEASE=0 uses debug builds; KEEP_LOGS=1 keeps the
+# processes' logs (their folder is printed). Against a compose deployment, run `loadgen drill` directly with
 # `--drill 'gateway|docker compose kill gateway1|docker compose start gateway1'` and so on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,15 +53,18 @@ EOF
 done
 cleanup() {
   for f in "$dir"/*.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true; done
-  rm -rf "$dir"
+  if [ -n "${KEEP_LOGS:-}" ]; then echo "logs: $dir" >&2; else rm -rf "$dir"; fi
 }
 trap cleanup EXIT
 sh "$dir/redis.sh"
 "$bin/gateway" migrate >/dev/null
 for p in gateway1 gateway2 worker1 worker2; do sh "$dir/$p.sh"; done
-"$bin/loadgen" drill --urls http://127.0.0.1:18001,http://127.0.0.1:18002 \
-  --drill "gateway|kill -9 \$(cat $dir/gateway1.pid)|sh $dir/gateway1.sh" \
-  --drill "worker|kill -9 \$(cat $dir/worker1.pid)|sh $dir/worker1.sh" \
-  --drill "pubsub|redis-cli -p $rport CLIENT KILL TYPE pubsub >/dev/null" \
-  --drill "redis|kill -9 \$(cat $dir/redis.pid)|sh $dir/redis.sh" \
-  "$@"
+declare -A drill=(
+  [gateway]="gateway|kill -9 \$(cat $dir/gateway1.pid)|sh $dir/gateway1.sh"
+  [worker]="worker|kill -9 \$(cat $dir/worker1.pid)|sh $dir/worker1.sh"
+  [pubsub]="pubsub|redis-cli -p $rport CLIENT KILL TYPE pubsub >/dev/null"
+  [redis]="redis|kill -9 \$(cat $dir/redis.pid)|sh $dir/redis.sh"
+)
+args=()
+for name in ${DRILLS:-gateway worker pubsub redis}; do args+=(--drill "${drill[$name]}"); done
+"$bin/loadgen" drill --urls http://127.0.0.1:18001,http://127.0.0.1:18002 "${args[@]}" "$@"

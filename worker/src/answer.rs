@@ -24,7 +24,7 @@ use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use serde_json::{Map, Value, json};
 use shared::{
-    broker::{BrokerError, Delivery, Fence, PublishOptions},
+    broker::Delivery,
     mocktext::count_words,
     protocol::{ErrorCode, Job, ServerEvent, Usage, answer_id},
     shutdown::CancellationToken,
@@ -34,6 +34,7 @@ use shared::{
 use crate::{
     Context,
     provider::{ChatMessage, ChatRequest, Provider, ProviderError, StreamItem},
+    publisher::{Publisher, Stop},
 };
 
 /// How a stream ended.
@@ -45,33 +46,29 @@ struct Outcome {
     error: Option<ProviderError>,
     /// Whether time to first token was recorded.
     first_token_out: bool,
-    /// A newer attempt of the job took over: stop, save nothing.
-    fenced: bool,
+    /// The attempt must stop (taken over, or its events cannot be published): save nothing.
+    stopped: Option<Stop>,
 }
 
 impl Outcome {
     /// Publishes the outbox as one broker message and empties it. The message that carries
     /// the answer's first token also carries the trace context and records time to first
     /// token.
-    async fn flush(&mut self, ctx: &Context, delivery: &Delivery, outbox: &mut Vec<ServerEvent>) {
-        if outbox.is_empty() {
+    async fn flush(
+        &mut self,
+        publisher: &mut Publisher<'_>,
+        job: &Job,
+        outbox: &mut Vec<ServerEvent>,
+    ) {
+        if outbox.is_empty() || self.stopped.is_some() {
             return;
         }
-        let job = &delivery.job;
         let first = self.tokens > 0 && !self.first_token_out;
         let trace = first
             .then(|| trace::traceparent(&tracing::Span::current()))
             .flatten();
-        let options = PublishOptions {
-            fence: Some(fence(delivery)),
-            first_token_trace: trace.as_deref(),
-        };
-        match ctx.broker.publish(job.chat_id, outbox, options).await {
-            Ok(_) => {}
-            Err(BrokerError::Fenced { .. }) => self.fenced = true,
-            Err(e) => {
-                tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish events");
-            }
+        if let Err(stop) = publisher.publish(outbox, trace.as_deref()).await {
+            self.stopped = Some(stop);
         }
         outbox.clear();
         if first {
@@ -131,17 +128,21 @@ pub async fn answer(ctx: &Context, delivery: Delivery) {
 }
 
 async fn answer_and_ack(ctx: &Context, delivery: Delivery) {
-    match try_answer(ctx, &delivery).await {
+    let mut publisher = Publisher::new(ctx, &delivery);
+    match try_answer(ctx, &delivery, &mut publisher).await {
         Ok(Done::Answered) => {}
-        Ok(Done::TakenOver) => {
-            tracing::warn!(chat_id = %delivery.job.chat_id, attempt = delivery.attempt,
-                "a newer attempt took the job over; this one stops");
+        Ok(Done::Left(stop)) => {
+            tracing::warn!(chat_id = %delivery.job.chat_id, attempt = delivery.attempt, ?stop,
+                "this attempt stops; the job is left to another");
             return;
         }
         Err(e) => {
             tracing::error!(error = %e, chat_id = %delivery.job.chat_id, "answer failed");
             let event = ServerEvent::error(ErrorCode::AiError, "The answer could not be produced");
-            publish(ctx, &delivery, event).await;
+            if let Err(stop) = publisher.publish(&[event], None).await {
+                tracing::warn!(?stop, "could not report a failed answer");
+                return;
+            }
         }
     }
     ack(ctx, &delivery).await;
@@ -162,20 +163,12 @@ async fn ack(ctx: &Context, delivery: &Delivery) {
     tracing::error!(chat_id = %delivery.job.chat_id, "gave up acknowledging a job; it will be reclaimed");
 }
 
-/// The fence of a delivery's publishes.
-fn fence(delivery: &Delivery) -> Fence<'_> {
-    Fence {
-        message_id: &delivery.job.message_id,
-        attempt: delivery.attempt,
-    }
-}
-
 /// How an answer attempt ended.
 enum Done {
     /// Answered (or failed and said so): acknowledge.
     Answered,
-    /// A newer attempt owns the job: leave it alone.
-    TakenOver,
+    /// Not acknowledged: a newer attempt owns the job, or the events could not be published.
+    Left(Stop),
 }
 
 /// Counts an answer in progress while alive.
@@ -194,7 +187,11 @@ impl Drop for Busy<'_> {
     }
 }
 
-async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<Done, StoreError> {
+async fn try_answer(
+    ctx: &Context,
+    delivery: &Delivery,
+    publisher: &mut Publisher<'_>,
+) -> Result<Done, StoreError> {
     let job = &delivery.job;
     // Only a redelivered job can already have an answer; the unique `reply_to` of the store
     // guarantees at most one saved answer either way.
@@ -253,17 +250,22 @@ async fn try_answer(ctx: &Context, delivery: &Delivery) -> Result<Done, StoreErr
     };
     let outcome = async {
         let mut outcome =
-            stream_answer(ctx, delivery, provider, request, streamed, &mut outbox).await;
-        outcome.flush(ctx, delivery, &mut outbox).await;
+            stream_answer(publisher, job, provider, request, streamed, &mut outbox).await;
+        outcome.flush(publisher, job, &mut outbox).await;
         outcome
     }
     .instrument(call)
     .await;
     ctx.active.remove(&job.chat_id);
-    if outcome.fenced {
-        return Ok(Done::TakenOver);
+    if let Some(stop) = outcome.stopped {
+        return Ok(Done::Left(stop));
     }
-    finish(ctx, delivery, answer_id, &model, prompt_estimate, outcome).await
+    let answer = Answer {
+        id: answer_id,
+        model: &model,
+        prompt_estimate,
+    };
+    finish(ctx, publisher, job, answer, outcome).await
 }
 
 /// What the stream of one answer needs besides the model.
@@ -316,14 +318,14 @@ fn conversation(system: Option<&str>, history: &[Message], content: &str) -> Vec
 }
 
 async fn stream_answer(
-    ctx: &Context,
-    delivery: &Delivery,
+    publisher: &mut Publisher<'_>,
+    job: &Job,
     provider: Result<Arc<dyn Provider>, ProviderError>,
     request: ChatRequest,
     streamed: Streamed<'_>,
     outbox: &mut Vec<ServerEvent>,
 ) -> Outcome {
-    let (job, cancel) = (&delivery.job, streamed.cancel);
+    let cancel = streamed.cancel;
     let mut out = Outcome {
         content: String::new(),
         tokens: 0,
@@ -331,7 +333,7 @@ async fn stream_answer(
         usage: None,
         error: None,
         first_token_out: false,
-        fenced: false,
+        stopped: None,
     };
     let mut stream = match provider {
         Ok(p) => p.stream(request),
@@ -353,8 +355,8 @@ async fn stream_answer(
             }
         }
         // About to wait: what is ready goes out first.
-        out.flush(ctx, delivery, outbox).await;
-        if out.fenced {
+        out.flush(publisher, job, outbox).await;
+        if out.stopped.is_some() {
             return out;
         }
         let item = tokio::select! {
@@ -415,25 +417,30 @@ fn take(
     }
 }
 
+/// The answer being finished.
+struct Answer<'a> {
+    id: String,
+    model: &'a str,
+    prompt_estimate: u32,
+}
+
 async fn finish(
     ctx: &Context,
-    delivery: &Delivery,
-    answer_id: String,
-    model: &str,
-    prompt_estimate: u32,
+    publisher: &mut Publisher<'_>,
+    job: &Job,
+    answer: Answer<'_>,
     out: Outcome,
 ) -> Result<Done, StoreError> {
-    let job = &delivery.job;
     let announce = out.error.is_none() || out.tokens > 0;
     if announce {
         let usage = out.usage.unwrap_or(Usage {
-            prompt_tokens: prompt_estimate,
+            prompt_tokens: answer.prompt_estimate,
             completion_tokens: out.tokens,
-            total_tokens: prompt_estimate.saturating_add(out.tokens),
+            total_tokens: answer.prompt_estimate.saturating_add(out.tokens),
         });
         let tokens_used = usage.completion_tokens;
         let mut metadata = Map::new();
-        metadata.insert("model".into(), Value::from(model));
+        metadata.insert("model".into(), Value::from(answer.model));
         metadata.insert("tokens_used".into(), Value::from(tokens_used));
         metadata.insert("finish_reason".into(), Value::from(out.finish_reason));
         if let Some(u) = out.usage {
@@ -442,7 +449,7 @@ async fn finish(
         let saved = ctx
             .store
             .add_answer(&NewAnswer {
-                id: answer_id.clone(),
+                id: answer.id.clone(),
                 chat_id: job.chat_id,
                 user_id: job.user_id.clone(),
                 reply_to: job.message_id.clone(),
@@ -452,19 +459,20 @@ async fn finish(
             .instrument(tracing::debug_span!(target: trace::TARGET, "store.save_answer"))
             .await?;
         if !saved {
-            return replay_saved(ctx, delivery).await;
+            return replay_saved(ctx, publisher, job).await;
         }
         ctx.usage.add(job.tenant_id, &usage);
         let ended = ServerEvent::MessageStreamEnded {
             timestamp: Utc::now(),
-            message_id: answer_id,
+            message_id: answer.id,
             chat_id: job.chat_id,
             user_id: job.user_id.clone(),
             content: out.content,
             finish_reason: out.finish_reason.into(),
             usage: out.usage,
         };
-        publish(ctx, delivery, ended).await;
+        // Saved: a lost `message_stream_ended` is still in the history, so the job is done.
+        let _ = publisher.publish(&[ended], None).await;
     }
     if let Some(e) = out.error {
         metrics().model_error(e.kind());
@@ -475,15 +483,18 @@ async fn finish(
             ctx.store.give_up(&job.message_id).await?;
         }
         let failed = ServerEvent::error(ErrorCode::AiError, format!("The AI model failed: {e}"));
-        publish(ctx, delivery, failed).await;
+        let _ = publisher.publish(&[failed], None).await;
     }
     Ok(Done::Answered)
 }
 
 /// Another attempt saved its answer first: stream the saved text as one more restart, so that
 /// the last `message_stream_started` of the answer is followed by exactly the saved text.
-async fn replay_saved(ctx: &Context, delivery: &Delivery) -> Result<Done, StoreError> {
-    let job = &delivery.job;
+async fn replay_saved(
+    ctx: &Context,
+    publisher: &mut Publisher<'_>,
+    job: &Job,
+) -> Result<Done, StoreError> {
     let Some(saved) = ctx.store.answer_to(&job.message_id).await? else {
         return Ok(Done::Answered);
     };
@@ -500,7 +511,7 @@ async fn replay_saved(ctx: &Context, delivery: &Delivery) -> Result<Done, StoreE
             user_id: job.user_id.clone(),
             message_id: saved.id.clone(),
             reply_to: job.message_id.clone(),
-            attempt: delivery.attempt,
+            attempt: publisher.attempt(),
         },
         ServerEvent::token(job.chat_id, &saved.id, saved.content.clone()),
         ServerEvent::MessageStreamEnded {
@@ -513,32 +524,9 @@ async fn replay_saved(ctx: &Context, delivery: &Delivery) -> Result<Done, StoreE
             usage: None,
         },
     ];
-    let options = PublishOptions {
-        fence: Some(fence(delivery)),
-        first_token_trace: None,
-    };
-    match ctx.broker.publish(job.chat_id, &events, options).await {
-        Err(BrokerError::Fenced { .. }) => Ok(Done::TakenOver),
-        Err(e) => {
-            tracing::warn!(error = %e, chat_id = %job.chat_id, "could not publish events");
-            Ok(Done::Answered)
-        }
-        Ok(_) => Ok(Done::Answered),
-    }
-}
-
-/// Publishes one event of the delivery's answer (fenced by its attempt).
-async fn publish(ctx: &Context, delivery: &Delivery, event: ServerEvent) {
-    let options = PublishOptions {
-        fence: Some(fence(delivery)),
-        first_token_trace: None,
-    };
-    let chat_id = delivery.job.chat_id;
-    let published = ctx
-        .broker
-        .publish(chat_id, std::slice::from_ref(&event), options);
-    if let Err(e) = published.await {
-        tracing::warn!(error = %e, %chat_id, "could not publish an event");
+    match publisher.publish(&events, None).await {
+        Err(Stop::TakenOver) => Ok(Done::Left(Stop::TakenOver)),
+        Err(Stop::Unreachable) | Ok(()) => Ok(Done::Answered),
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! - [`dispatch`]: one chat's messages one at a time in arrival order, different chats in parallel.
 //! - [`answer`]: answering one message (context, streaming, cancel, saving, errors).
+//! - [`publisher`]: an attempt's events, fenced, numbered and retried.
 //! - [`usage`]: per-tenant daily usage, written once a second.
 //! - [`sweep`]: queues again saved messages that have neither an answer nor a live job.
 //! - [`provider`]: the model seam (`mock` built in, `openai` for configured endpoints).
@@ -12,6 +13,7 @@
 pub mod answer;
 pub mod dispatch;
 pub mod provider;
+pub mod publisher;
 pub mod sweep;
 pub mod usage;
 

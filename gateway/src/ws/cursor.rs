@@ -103,6 +103,7 @@ impl ChatCursor {
             }
             Next::Ready(events) => Ok(self.take(events)),
             Next::Gap { until, slow } => self.fill(log, until, slow).await,
+            Next::Lost => Err(CursorEnd::Resync),
         }
     }
 

@@ -27,6 +27,8 @@ pub struct FeedState {
     head: u64,
     /// The highest `seq` pushed out of the ring by newer events.
     evicted: u64,
+    /// Times this process found it may have missed events it cannot name (see [`Hub::lost`]).
+    losses: u64,
     capacity: usize,
 }
 
@@ -94,6 +96,9 @@ pub enum Next {
     },
     /// The socket has every event there is.
     UpToDate,
+    /// This process may have missed events of the chat and cannot tell which: the socket
+    /// should be closed with 1012 so that its client resumes.
+    Lost,
 }
 
 struct ChatEntry {
@@ -152,17 +157,17 @@ impl Hub {
         let first = entry.subscribers == 1;
         let feed = entry.feed.subscribe();
         drop(entry);
+        let losses = feed.borrow().losses;
         let guard = SubscriptionGuard {
             hub: self.clone(),
             chat_id,
         };
-        (
-            Subscription {
-                feed,
-                _guard: guard,
-            },
-            first,
-        )
+        let sub = Subscription {
+            feed,
+            losses,
+            _guard: guard,
+        };
+        (sub, first)
     }
 
     /// Adds events (in `seq` order) to the chat's feed and wakes its sockets; false when the
@@ -191,6 +196,15 @@ impl Hub {
         }
     }
 
+    /// Tells every socket of every chat on this process that events may have been missed
+    /// that cannot be recovered here (the pub/sub connection came back but the chats' latest
+    /// `seq`s could not be read): they are sent to resume.
+    pub fn lost(&self) {
+        for entry in self.chats.iter() {
+            entry.feed.send_modify(|state| state.losses += 1);
+        }
+    }
+
     /// Number of chats with local subscribers.
     pub fn chat_count(&self) -> usize {
         self.chats.len()
@@ -214,6 +228,8 @@ impl Hub {
 /// A live subscription to one chat's feed.
 pub struct Subscription {
     feed: watch::Receiver<FeedState>,
+    /// The feed's losses when this subscription began.
+    losses: u64,
     _guard: SubscriptionGuard,
 }
 
@@ -229,7 +245,11 @@ impl Subscription {
 
     /// Up to `max` events after `cursor`, or what to do instead.
     pub fn next(&mut self, cursor: u64, max: usize) -> Next {
-        self.feed.borrow_and_update().next(cursor, max)
+        let state = self.feed.borrow_and_update();
+        if state.losses > self.losses {
+            return Next::Lost;
+        }
+        state.next(cursor, max)
     }
 }
 

@@ -98,13 +98,17 @@ pub struct Fence<'a> {
     pub message_id: &'a str,
     /// The publishing attempt.
     pub attempt: u32,
+    /// The attempt's publish number (1, 2, …): a publish repeated after a lost reply is
+    /// applied once.
+    pub batch: u32,
 }
 
 /// Options of [`ChatLog::publish`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PublishOptions<'a> {
     /// Refuse the publish (with [`BrokerError::Fenced`]) when a newer attempt of this job has
-    /// published; the first publish of an attempt raises the fence to it.
+    /// published; the first publish of an attempt raises the fence to it. A batch the attempt
+    /// already published is not published again (the answer is then 0).
     pub fence: Option<Fence<'a>>,
     /// Set on the publish that carries an answer's first token: the `traceparent` of the
     /// publishing span, under which each gateway traces handing that token to its sockets

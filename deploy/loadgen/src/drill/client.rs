@@ -65,6 +65,8 @@ struct Progress {
     seqs: HashSet<u64>,
     /// Answer id → the user message it answers.
     replies: HashMap<String, String>,
+    /// Answers whose end the client saw.
+    ended: HashSet<String>,
 }
 
 /// Runs the client until its messages are answered or the deadline passes.
@@ -79,6 +81,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Seen> {
         last_seq: None,
         seqs: HashSet::new(),
         replies: HashMap::new(),
+        ended: HashSet::new(),
     };
     let http = reqwest::Client::new();
     let mut gateway = plan.first;
@@ -168,14 +171,15 @@ async fn on_event(
         }
         "message_stream_ended" => {
             seen.ended_at.push(Instant::now());
+            p.ended.insert(id.clone());
             if p.acked.is_some() && p.replies.get(&id) == p.acked.as_ref() {
                 return Ok(advance(p));
             }
         }
         "error" if e["error_code"] == "RESUME_UNAVAILABLE" => {
             seen.resume_unavailable += 1;
-            // What streamed meanwhile is unknown: drop partial texts, reload the history.
-            seen.texts.retain(|_, t| !t.is_empty());
+            // What streamed meanwhile is unknown: drop unfinished texts, reload the history.
+            seen.texts.retain(|id, _| p.ended.contains(id));
             if answered_in_history(plan, p, base, http).await? {
                 return Ok(advance(p));
             }

@@ -8,7 +8,8 @@
 //! older than `log_secs`; the whole log expires `log_idle_secs` after the chat's last event
 //! (the meta hash lives a week, so a resume at the latest `seq` still works after that).
 //! The same script fences job attempts: `fence:{message_id}` holds the newest attempt that
-//! published; an older attempt's publish is refused.
+//! published and its last batch number; an older attempt's publish is refused, and a batch
+//! repeated after a lost reply is not appended twice.
 //!
 //! The script answers `-2` when the chat has no meta (a new chat, or Redis lost its data) or its
 //! block is used up; the broker then reserves a block in the store and sets it with
@@ -25,23 +26,31 @@ use crate::broker::{
 use crate::protocol::{AnswerMark, Job, ServerEvent, frame_seq};
 
 /// The append function shared by the publish and the enqueue scripts. KEYS: meta, log, channel,
-/// fence. ARGV: fence attempt (or ''), now (ms), keep events, keep ms, idle ms, stamp line,
+/// fence. ARGV: fence as `attempt:batch` (or ''), now (ms), keep events, keep ms, idle ms, stamp line,
 /// marks (one letter per event: `o` opens an answer, `c` closes it, `-` neither), then the
-/// frames from ARGV[first] on. Returns the last `seq`, -1 when fenced, -2 when a block is needed.
+/// frames from ARGV[first] on. Returns the last `seq`, 0 when the attempt published this batch
+/// already, -1 when fenced, -2 when a block is needed.
 const APPEND_LUA: &str = r#"
 local function append(first)
   local n = #ARGV - first + 1
   if n < 1 then return 0 end
+  local attempt, batch
   if ARGV[1] ~= '' then
-    local current = tonumber(redis.call('GET', KEYS[4]) or '0')
-    local attempt = tonumber(ARGV[1])
-    if current > attempt then return -1 end
-    if current < attempt then redis.call('SET', KEYS[4], attempt, 'EX', 86400) end
+    attempt, batch = string.match(ARGV[1], '^(%d+):(%d+)$')
+    attempt, batch = tonumber(attempt), tonumber(batch)
+    local held = redis.call('HMGET', KEYS[4], 'a', 'b')
+    local a, b = tonumber(held[1] or '0'), tonumber(held[2] or '0')
+    if a > attempt then return -1 end
+    if a == attempt and b >= batch then return 0 end
   end
   local state = redis.call('HMGET', KEYS[1], 'seq', 'limit')
   if not state[1] then return -2 end
   local seq, limit = tonumber(state[1]), tonumber(state[2])
   if seq + n > limit then return -2 end
+  if attempt then
+    redis.call('HSET', KEYS[4], 'a', attempt, 'b', batch)
+    redis.call('EXPIRE', KEYS[4], 86400)
+  end
   local now = tonumber(ARGV[2])
   local out = {ARGV[6]}
   for i = first, #ARGV do
@@ -145,9 +154,13 @@ impl RedisBroker {
             })
             .collect();
         let frames: Vec<String> = events.iter().map(|e| e.to_frame().to_string()).collect();
-        let fence = options
-            .fence
-            .map(|f| (self.key(&format!("fence:{}", f.message_id)), f.attempt));
+        let fence = options.fence.map(|f| {
+            (
+                self.key(&format!("fence:{}", f.message_id)),
+                f.attempt,
+                f.batch,
+            )
+        });
         for _ in 0..3 {
             let script = if enqueue.is_some() {
                 &self.scripts.enqueue
@@ -163,7 +176,11 @@ impl RedisBroker {
                         .as_ref()
                         .map_or_else(|| self.key("nofence"), |f| f.0.clone()),
                 )
-                .arg(fence.as_ref().map_or_else(String::new, |f| f.1.to_string()))
+                .arg(
+                    fence
+                        .as_ref()
+                        .map_or_else(String::new, |f| format!("{}:{}", f.1, f.2)),
+                )
                 .arg(chrono::Utc::now().timestamp_millis())
                 .arg(self.log.events)
                 .arg(self.log.keep_ms)

@@ -132,12 +132,21 @@ pub(super) async fn subscriber(
 /// How often the pub/sub connection is pinged, and how long a ping may take.
 const KEEPALIVE: Duration = Duration::from_secs(3);
 
-/// Hints every feed with the chat's latest `seq` (after a reconnect).
+/// Hints every feed with the chat's latest `seq` (after a reconnect). When that cannot be read
+/// (the first commands after a Redis restart may fail), the feeds are told events were lost.
 async fn hint_latest(b: &RedisBroker, chats: &[Uuid]) {
     if chats.is_empty() {
         return;
     }
-    match b.latest_seqs(chats).await {
+    let mut latest = b.latest_seqs(chats).await;
+    for wait in [50, 200, 500] {
+        if latest.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        latest = b.latest_seqs(chats).await;
+    }
+    match latest {
         Ok(latest) => {
             for (chat, seq) in chats.iter().zip(latest) {
                 // A chat whose meta Redis lost starts again past every `seq` it issued: its
@@ -155,7 +164,10 @@ async fn hint_latest(b: &RedisBroker, chats: &[Uuid]) {
                 b.hub.hint(*chat, seq);
             }
         }
-        Err(e) => tracing::warn!(error = %e, "could not read the chats' latest seqs"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the chats' latest seqs; sending sockets to resume");
+            b.hub.lost();
+        }
     }
 }
 
