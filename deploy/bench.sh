@@ -3,6 +3,7 @@
 #   deploy/bench.sh throughput   # 200 chats back to back, 50-token answers
 #   deploy/bench.sh ttft         # a steady 200 messages/s over 200 chats
 #   deploy/bench.sh idle [N] [K] # gateway memory per idle socket at N sockets over K chats (10000, 100)
+#   deploy/bench.sh storm [N] [K] # N sockets (10000) over K chats (100) dropped and resumed at once
 # TOPOLOGY=distributed runs one gateway and one worker process on the local Redis and
 # PostgreSQL instead of the embedded gateway, and also reports Redis PUBLISH calls per token.
 # GATEWAY_BIN / WORKER_BIN run other builds (say, the previous commit's) for a same-day comparison;
@@ -61,5 +62,8 @@ case "$mode" in
     wait $lgpid || true
     echo "{\"sockets\": $n, \"rss_before_kib\": $before, \"rss_with_sockets_kib\": $during, \"kib_per_socket\": $(awk -v d="$during" -v b="$before" -v n="$n" 'BEGIN {printf "%.2f", (d - b) / n}')}" \
       | tee reports/idle.json ;;
+  storm)
+    $lg storm --url "http://127.0.0.1:$port" --sockets "${2:-10000}" --chats "${3:-100}" \
+        --source-ips 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4 --report reports/storm.json ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

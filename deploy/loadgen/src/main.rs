@@ -6,12 +6,14 @@
 //! total rate. Every socket checks the protocol (event order, `message_stream_ended.content`
 //! equal to its tokens). The report gives ack latency and time to first token (p50/p99), tokens
 //! per second delivered to all sockets, and protocol violations. `--idle` only holds sockets
-//! open, for memory measurements. `loadgen drill` runs fault drills instead ([`drill`]).
+//! open, for memory measurements. `loadgen drill` runs fault drills instead ([`drill`]),
+//! `loadgen storm` a resume storm ([`storm`]).
 
 mod drill;
 mod setup;
 mod socket;
 mod stats;
+mod storm;
 
 use std::{
     net::IpAddr,
@@ -86,6 +88,8 @@ enum Command {
     /// Fault drills: drive chats while killing and restarting parts of a deployment, then
     /// check every acknowledged message against the saved history.
     Drill(drill::DrillArgs),
+    /// A resume storm: N sockets dropped and reconnected at once with `last_seq`.
+    Storm(storm::StormArgs),
 }
 
 #[tokio::main]
@@ -93,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Drill(args)) => drill::run(args).await,
+        Some(Command::Storm(args)) => storm::run(args).await,
         None => load(cli.load).await,
     }
 }

@@ -54,7 +54,15 @@ struct Event<'a> {
 async fn connect(
     plan: &Plan,
 ) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
-    let rest = plan.ws_url.strip_prefix("ws://").context("ws:// URL")?;
+    connect_from(&plan.ws_url, plan.source).await
+}
+
+/// Opens a socket to `ws_url` from the local address `source`.
+pub async fn connect_from(
+    ws_url: &str,
+    source: IpAddr,
+) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
+    let rest = ws_url.strip_prefix("ws://").context("ws:// URL")?;
     let host = rest.split('/').next().context("host")?;
     let addr: SocketAddr = tokio::net::lookup_host(host)
         .await?
@@ -65,10 +73,10 @@ async fn connect(
     } else {
         TcpSocket::new_v6()?
     };
-    socket.bind(SocketAddr::new(plan.source, 0))?;
+    socket.bind(SocketAddr::new(source, 0))?;
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
-    let (ws, _) = tokio_tungstenite::client_async(plan.ws_url.as_str(), stream).await?;
+    let (ws, _) = tokio_tungstenite::client_async(ws_url, stream).await?;
     Ok(ws)
 }
 
@@ -115,6 +123,7 @@ pub async fn run(
     }
     let mut pending = Pending::default();
     let (mut in_stream, mut streamed, mut first_token) = (false, String::new(), false);
+    let mut current: Option<String> = None;
     if plan.sender && !plan.paced {
         send_next(&plan, &mut pending, &mut tx).await?;
     }
@@ -143,7 +152,10 @@ pub async fn run(
                 }
             }
             "message_stream_started" => {
-                report.violations += u64::from(in_stream);
+                // A restarted answer (its worker died) starts again under the same id.
+                let restart = in_stream && e.message_id == current;
+                current.clone_from(&e.message_id);
+                report.violations += u64::from(in_stream && !restart);
                 (in_stream, first_token) = (true, true);
                 streamed.clear();
                 pending.awaiting_first_token = e.reply_to.and_then(|r| pending.by_id.remove(&r));

@@ -156,6 +156,18 @@ impl RedisBroker {
         tracing::error!(id = %entry.id, error = %error, "unreadable job entry dead-lettered");
         metrics().jobs_dead_lettered.inc();
         let raw: String = entry.get("job").unwrap_or_default();
+        // The job's chat and number travel beside it, so its turn is released all the same.
+        let chat: Option<String> = entry.get("chat");
+        let seq: Option<u64> = entry.get("seq");
+        if let (Some(chat), Some(seq)) = (chat, seq) {
+            let released: redis::RedisResult<()> = self
+                .conn()
+                .zrem(self.key(&format!("chatjobs:{chat}")), seq)
+                .await;
+            if let Err(e) = released {
+                tracing::warn!(error = %e, "could not release the turn of an unreadable job");
+            }
+        }
         let moved: redis::RedisResult<()> = redis::pipe()
             .xadd(self.key("jobs:dead"), "*", &[("raw", raw)])
             .ignore()
@@ -214,11 +226,14 @@ impl JobQueue for RedisBroker {
         {
             return Ok(());
         }
-        let key = self.key(&format!("chatdone:{}", delivery.job.chat_id));
+        // The chat's turn: no job of the chat with a smaller number is still outstanding.
+        // Outstanding jobs are a set, not a counter, so a chat whose bookkeeping Redis lost
+        // goes on (an unknown job does not hold the ones after it).
+        let key = self.key(&format!("chatjobs:{}", delivery.job.chat_id));
         let mut wait = Duration::from_millis(2);
         loop {
-            let done: Option<u64> = self.conn().get(&key).await.map_err(unavailable)?;
-            if done.unwrap_or(0) + 1 >= delivery.seq {
+            let first: Vec<u64> = self.conn().zrange(&key, 0, 0).await.map_err(unavailable)?;
+            if first.first().is_none_or(|n| *n >= delivery.seq) {
                 return Ok(());
             }
             tokio::time::sleep(wait).await;
@@ -231,7 +246,7 @@ impl JobQueue for RedisBroker {
         let _: i64 = self
             .scripts
             .ack
-            .key(self.key(&format!("chatdone:{}", delivery.job.chat_id)))
+            .key(self.key(&format!("chatjobs:{}", delivery.job.chat_id)))
             .key(self.key("jobs"))
             .key(self.queued_key(&delivery.job.message_id))
             .arg(&delivery.id)

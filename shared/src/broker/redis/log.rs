@@ -82,14 +82,16 @@ pub(super) fn publish_script() -> Script {
     Script::new(&format!("{APPEND_LUA} return append(8)"))
 }
 
-/// The enqueue script: appends the announcement (frames from ARGV[9]) as [`publish_script`]
-/// does, then queues the job (ARGV[8]) with the chat's next job number. Extra KEYS: the chat's
-/// job counter, the job stream, the message's `queued` marker.
+/// The enqueue script: appends the announcement (frames from ARGV[10]) as [`publish_script`]
+/// does, then queues the job (ARGV[8], its chat ARGV[9]) with the chat's next job number and
+/// adds that number to the chat's outstanding jobs. Extra KEYS: the chat's job counter, the job
+/// stream, the message's `queued` marker, the chat's outstanding jobs.
 pub(super) fn enqueue_script() -> Script {
     Script::new(&format!(
-        "{APPEND_LUA} local r = append(9) if r < 0 then return r end \
+        "{APPEND_LUA} local r = append(10) if r < 0 then return r end \
          local n = redis.call('INCR', KEYS[5]) redis.call('EXPIRE', KEYS[5], 604800) \
-         redis.call('XADD', KEYS[6], '*', 'job', ARGV[8], 'seq', n) \
+         redis.call('XADD', KEYS[6], '*', 'job', ARGV[8], 'seq', n, 'chat', ARGV[9]) \
+         redis.call('ZADD', KEYS[8], n, n) redis.call('EXPIRE', KEYS[8], 604800) \
          redis.call('SET', KEYS[7], 1, 'EX', 86400) return r"
     ))
 }
@@ -191,7 +193,9 @@ impl RedisBroker {
                 call.key(self.key(&format!("chatseq:{}", e.job.chat_id)))
                     .key(self.key("jobs"))
                     .key(self.queued_key(&e.job.message_id))
-                    .arg(&e.payload);
+                    .key(self.key(&format!("chatjobs:{}", e.job.chat_id)))
+                    .arg(&e.payload)
+                    .arg(e.job.chat_id.to_string());
             }
             call.arg(&frames);
             let answer: i64 = call

@@ -7,10 +7,12 @@
 //!   is claimed by another worker; workers keep their in-flight jobs fresh with `XCLAIM … JUSTID`
 //!   so a long answer is never taken away. A job delivered `max_attempts` times goes to
 //!   `{prefix}jobs:dead` and its chat gets an `AI_ERROR`.
-//! - **Order per chat across workers**: enqueueing assigns the job the chat's next sequence
-//!   number (`INCR` and `XADD` in one script); a worker answers job *n* only once the chat's done
-//!   counter reached *n − 1*, and acknowledging sets it to *n*. Chats run in parallel; a chat's
-//!   messages never do, whichever workers hold them.
+//! - **Order per chat across workers**: enqueueing assigns the job the chat's next number
+//!   (`INCR`, `XADD` and `ZADD` to the chat's outstanding jobs in one script); a worker answers
+//!   job *n* only once no job of the chat with a smaller number is outstanding, and
+//!   acknowledging removes it. Chats run in parallel; a chat's messages never do, whichever
+//!   workers hold them. A set rather than a "done" counter, so that a Redis that lost part of
+//!   its data never leaves a chat waiting for a job that no longer exists.
 //! - **Events**: appended to the chat's log and published in one script ([`log`]). One pub/sub
 //!   connection per process multiplexes every chat with a local socket: `SUBSCRIBE` on the
 //!   chat's first local subscriber, `UNSUBSCRIBE` after its last. It is pinged every few
@@ -164,8 +166,7 @@ impl RedisBroker {
                 init: log::init_script(),
                 read: log::read_script(),
                 ack: Script::new(
-                    "local done = tonumber(redis.call('GET', KEYS[1]) or '0') \
-                     if tonumber(ARGV[2]) > done then redis.call('SET', KEYS[1], ARGV[2], 'EX', 604800) end \
+                    "redis.call('ZREM', KEYS[1], ARGV[2]) \
                      redis.call('DEL', KEYS[3]) \
                      redis.call('XACK', KEYS[2], ARGV[3], ARGV[1]) redis.call('XDEL', KEYS[2], ARGV[1]) return 1",
                 ),
