@@ -35,37 +35,13 @@ pub async fn prepare(args: &Args) -> anyhow::Result<Target> {
                 "requests_per_minute": 1_000_000,
                 "agent": {"provider": "mock", "options": {"reply_tokens": args.reply_tokens}},
             });
-            let res = http
-                .post(format!("{}/admin/v1/tenants", args.url))
-                .bearer_auth(token)
-                .json(&json!({"name": "loadgen", "settings": settings}))
-                .send()
-                .await
-                .context("creating the load tenant")?;
-            if !res.status().is_success() {
-                bail!("creating the tenant failed: {}", res.text().await?);
-            }
-            let body: Value = res.json().await?;
-            body["api_key"]
-                .as_str()
-                .context("api_key in the response")?
-                .to_owned()
+            create_tenant(&http, &args.url, token, "loadgen", settings).await?
         }
         (None, None) => bail!("give --admin-token (or PARLEY_ADMIN_TOKEN) or --api-key"),
     };
     let mut chats = Vec::with_capacity(args.chats);
     for i in 0..args.chats {
-        let res = http
-            .post(format!("{}/api/v1/chats/", args.url))
-            .header("X-API-Key", &api_key)
-            .json(&json!({"user_id": format!("lg-{i}"), "title": format!("load {i}")}))
-            .send()
-            .await?;
-        if res.status().as_u16() != 201 {
-            bail!("creating a chat failed: {}", res.text().await?);
-        }
-        let body: Value = res.json().await?;
-        chats.push(body["id"].as_str().context("chat id")?.to_owned());
+        chats.push(create_chat(&http, &args.url, &api_key, &format!("lg-{i}")).await?);
     }
     let ws_base = args.url.replacen("http", "ws", 1);
     Ok(Target {
@@ -73,4 +49,49 @@ pub async fn prepare(args: &Args) -> anyhow::Result<Target> {
         api_key,
         chats,
     })
+}
+
+/// Creates a tenant through the admin API; returns its key.
+pub async fn create_tenant(
+    http: &reqwest::Client,
+    url: &str,
+    admin_token: &str,
+    name: &str,
+    settings: Value,
+) -> anyhow::Result<String> {
+    let res = http
+        .post(format!("{url}/admin/v1/tenants"))
+        .bearer_auth(admin_token)
+        .json(&json!({"name": name, "settings": settings}))
+        .send()
+        .await
+        .with_context(|| format!("creating the {name} tenant"))?;
+    if !res.status().is_success() {
+        bail!("creating the tenant failed: {}", res.text().await?);
+    }
+    let body: Value = res.json().await?;
+    Ok(body["api_key"]
+        .as_str()
+        .context("api_key in the response")?
+        .to_owned())
+}
+
+/// Creates a chat for `user_id`; returns its id.
+pub async fn create_chat(
+    http: &reqwest::Client,
+    url: &str,
+    api_key: &str,
+    user_id: &str,
+) -> anyhow::Result<String> {
+    let res = http
+        .post(format!("{url}/api/v1/chats/"))
+        .header("X-API-Key", api_key)
+        .json(&json!({"user_id": user_id}))
+        .send()
+        .await?;
+    if res.status().as_u16() != 201 {
+        bail!("creating a chat failed: {}", res.text().await?);
+    }
+    let body: Value = res.json().await?;
+    Ok(body["id"].as_str().context("chat id")?.to_owned())
 }

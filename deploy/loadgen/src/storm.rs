@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::socket::connect_from;
+use crate::{setup, socket::connect_from};
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
@@ -236,31 +236,10 @@ async fn prepare(
         "requests_per_minute": 1_000_000,
         "agent": {"provider": "mock", "options": {"reply_tokens": 5}},
     });
-    let res = http
-        .post(format!("{}/admin/v1/tenants", args.url))
-        .bearer_auth(&args.admin_token)
-        .json(&json!({"name": "storm", "settings": settings}))
-        .send()
-        .await
-        .context("creating the storm tenant")?;
-    if !res.status().is_success() {
-        bail!("creating the tenant failed: {}", res.text().await?);
-    }
-    let body: Value = res.json().await?;
-    let key = body["api_key"].as_str().context("api_key")?.to_owned();
+    let key = setup::create_tenant(http, &args.url, &args.admin_token, "storm", settings).await?;
     let mut chats = Vec::with_capacity(args.chats);
     for i in 0..args.chats {
-        let res = http
-            .post(format!("{}/api/v1/chats/", args.url))
-            .header("X-API-Key", &key)
-            .json(&json!({"user_id": format!("storm-{i}")}))
-            .send()
-            .await?;
-        if res.status().as_u16() != 201 {
-            bail!("creating a chat failed: {}", res.text().await?);
-        }
-        let body: Value = res.json().await?;
-        chats.push(body["id"].as_str().context("chat id")?.to_owned());
+        chats.push(setup::create_chat(http, &args.url, &key, &format!("storm-{i}")).await?);
     }
     Ok((key, chats))
 }

@@ -22,7 +22,7 @@ use crate::error::ApiError;
 pub const BATCH: usize = 64;
 
 /// Most events read from the log in one round trip.
-const LOG_BATCH: u64 = 512;
+pub const LOG_BATCH: u64 = 512;
 
 /// Why a socket's cursor cannot go on.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,6 +59,8 @@ pub struct ChatCursor {
     chat_id: Uuid,
     seq: u64,
     start: Start,
+    /// What a resume read at the handshake found, handed out by the first [`Self::pull`].
+    first: Option<Step>,
     /// The chat's latest `seq` when the socket joined: the feed may not have seen those events.
     known: u64,
     /// Whether there may be events after the cursor not yet taken.
@@ -66,21 +68,50 @@ pub struct ChatCursor {
 }
 
 impl ChatCursor {
-    /// A cursor for a socket joining now: after `last_seq` when resuming, else just before the
-    /// open answer (if one is streaming), else at the chat's latest `seq`.
-    pub fn start(chat_id: Uuid, head: Head, last_seq: Option<u64>) -> Self {
-        let (seq, start) = match (last_seq, head.open_answer) {
-            (Some(n), _) => (n, Start::Resume),
-            (None, Some(started)) => (started.saturating_sub(1), Start::LateJoin),
-            (None, None) => (head.latest, Start::Live),
+    /// A cursor for a socket joining now (not resuming): just before the open answer's
+    /// `message_stream_started` if one is streaming, else at the chat's latest `seq`.
+    pub fn start(chat_id: Uuid, head: Head) -> Self {
+        let (seq, start) = match head.open_answer {
+            Some(started) => (started.saturating_sub(1), Start::LateJoin),
+            None => (head.latest, Start::Live),
         };
         Self {
             chat_id,
             seq,
             start,
+            first: None,
             known: head.latest,
             behind: true,
         }
+    }
+
+    /// A cursor for a socket resuming after `last_seq`, from what the log answered to a read
+    /// after it (one round trip at the handshake instead of two); the second value is the
+    /// chat's latest `seq`.
+    pub fn resumed(chat_id: Uuid, last_seq: u64, read: Read) -> (Self, u64) {
+        let (events, latest) = match read {
+            Read::Events { events, latest } => (Some(events), latest),
+            Read::Unavailable { latest } => (None, latest),
+        };
+        let mut cursor = Self {
+            chat_id,
+            seq: last_seq,
+            start: Start::Resume,
+            first: None,
+            known: latest,
+            behind: true,
+        };
+        cursor.first = Some(match events {
+            Some(events) => cursor.take(events),
+            None => {
+                cursor.jump(latest);
+                Step {
+                    notice: Some(ApiError::ResumeUnavailable { latest }),
+                    events: Vec::new(),
+                }
+            }
+        });
+        (cursor, latest)
     }
 
     /// Waits until there may be events after the cursor, then takes the next ones.
@@ -89,6 +120,9 @@ impl ChatCursor {
         feed: &mut Subscription,
         log: &dyn ChatLog,
     ) -> Result<Step, CursorEnd> {
+        if let Some(first) = self.first.take() {
+            return Ok(first);
+        }
         if !self.behind {
             feed.changed().await;
             self.behind = true;
@@ -112,7 +146,7 @@ impl ChatCursor {
         let want = usize::try_from((until - self.seq).min(LOG_BATCH)).unwrap_or(BATCH);
         let read = log.read(self.chat_id, self.seq, want).await;
         let latest = match read {
-            Ok(Read::Events(events)) => {
+            Ok(Read::Events { events, .. }) => {
                 let events: Vec<Sequenced> =
                     events.into_iter().filter(|e| e.seq <= until).collect();
                 if !events.is_empty() {
@@ -144,6 +178,7 @@ impl ChatCursor {
     }
 
     fn take(&mut self, events: Vec<Sequenced>) -> Step {
+        let events: Vec<Sequenced> = events.into_iter().filter(|e| e.seq > self.seq).collect();
         if let Some(last) = events.last() {
             self.seq = last.seq;
         }

@@ -24,7 +24,7 @@ use shared::protocol::{
     ClientFrame, ErrorCode, Frame, FrameError, ServerEvent, frame_event_type, parse_client_frame,
 };
 
-use super::cursor::{ChatCursor, CursorEnd, Step};
+use super::cursor::{self, ChatCursor, CursorEnd, Step};
 use super::handshake::{self, Accepted, HandshakeParams};
 use crate::messages::{self, MessageLimiter, NewMessage, Outcome, Sender};
 use crate::{error::ApiError, state::AppState};
@@ -219,8 +219,14 @@ impl Connection {
     async fn join(&self) -> Result<(Subscription, ChatCursor, u64), ApiError> {
         let chat_id = self.accepted.chat_id;
         let events = self.state.broker.subscribe(chat_id).await?;
+        if let Some(n) = self.accepted.last_seq {
+            let batch = usize::try_from(cursor::LOG_BATCH).unwrap_or(cursor::BATCH);
+            let read = self.state.broker.read(chat_id, n, batch).await?;
+            let (cursor, latest) = ChatCursor::resumed(chat_id, n, read);
+            return Ok((events, cursor, latest));
+        }
         let head = self.state.broker.head(chat_id).await?;
-        let cursor = ChatCursor::start(chat_id, head, self.accepted.last_seq);
+        let cursor = ChatCursor::start(chat_id, head);
         Ok((events, cursor, head.latest))
     }
 

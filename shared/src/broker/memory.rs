@@ -67,13 +67,15 @@ impl ChatRing {
             return Read::Unavailable { latest: self.seq };
         }
         let from = self.events.partition_point(|(_, e)| e.seq <= after);
-        Read::Events(
-            self.events
+        Read::Events {
+            events: self
+                .events
                 .range(from..)
                 .take(limit)
                 .map(|(_, e)| e.clone())
                 .collect(),
-        )
+            latest: self.seq,
+        }
     }
 }
 

@@ -138,7 +138,12 @@ pub struct Head {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Read {
     /// The events after the cursor, in order, without a gap (empty when there are none).
-    Events(Vec<Sequenced>),
+    Events {
+        /// The events.
+        events: Vec<Sequenced>,
+        /// The chat's latest `seq`.
+        latest: u64,
+    },
     /// The events after the cursor are no longer all retained (trimmed, or the log was lost).
     Unavailable {
         /// The chat's latest `seq`.

@@ -249,7 +249,19 @@ pub trait Store: Send + Sync + 'static {
         }
     }
     /// Saves a user message unless its `client_message_id` was seen in the chat before.
-    async fn save_user_message(&self, new: &NewUserMessage<'_>) -> StoreResult<Saved>;
+    async fn save_user_message(&self, new: &NewUserMessage<'_>) -> StoreResult<Saved> {
+        let (message, inserted) = self.insert_user_message(new).await?;
+        if inserted {
+            return Ok(Saved::New(message));
+        }
+        let key = new.client_message_id.unwrap_or_default();
+        self.message_by_client_id(new.chat_id, key)
+            .await?
+            .map(Saved::Repeat)
+            .ok_or_else(|| StoreError::Corrupt("a user message was neither saved nor found".into()))
+    }
+    /// Inserts a user message; false (and nothing saved) when its `client_message_id` is taken.
+    async fn insert_user_message(&self, new: &NewUserMessage<'_>) -> StoreResult<(Message, bool)>;
     /// The user message saved in the chat under a `client_message_id`.
     async fn message_by_client_id(
         &self,

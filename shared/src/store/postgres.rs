@@ -17,8 +17,8 @@ use super::batch::Writer;
 use super::pg_batch::PgRows;
 use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, TenantRow, messages};
 use super::{
-    Chat, DailyUsage, Message, NewAnswer, NewUserMessage, Page, Saved, Store, StoreError,
-    StoreResult, Tenant, TenantSettings,
+    Chat, DailyUsage, Message, NewAnswer, NewUserMessage, Page, Store, StoreResult, Tenant,
+    TenantSettings,
 };
 use crate::protocol::Job;
 
@@ -306,16 +306,8 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn save_user_message(&self, new: &NewUserMessage<'_>) -> StoreResult<Saved> {
-        let (message, inserted) = self.writer.add_user_message(new).await?;
-        if inserted {
-            return Ok(Saved::New(message));
-        }
-        let key = new.client_message_id.unwrap_or_default();
-        self.message_by_client_id(new.chat_id, key)
-            .await?
-            .map(Saved::Repeat)
-            .ok_or_else(|| StoreError::Corrupt("a user message was neither saved nor found".into()))
+    async fn insert_user_message(&self, new: &NewUserMessage<'_>) -> StoreResult<(Message, bool)> {
+        Ok(self.writer.add_user_message(new).await?)
     }
 
     async fn message_by_client_id(

@@ -14,6 +14,7 @@
 
 mod client;
 
+use crate::setup;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -115,7 +116,7 @@ async fn run_drill(
     let base = args.urls.first().context("at least one --urls")?;
     let mut chats = Vec::with_capacity(args.chats);
     for i in 0..args.chats {
-        chats.push(create_chat(http, base, key, i).await?);
+        chats.push(setup::create_chat(http, base, key, &format!("drill-{i}")).await?);
     }
     let started = Instant::now();
     let mut clients = tokio::task::JoinSet::new();
@@ -238,37 +239,7 @@ async fn create_tenant(http: &reqwest::Client, args: &DrillArgs) -> anyhow::Resu
         "agent": {"provider": "mock", "options": {
             "reply_tokens": args.reply_tokens, "token_delay_ms": args.token_delay_ms}},
     });
-    let res = http
-        .post(format!("{base}/admin/v1/tenants"))
-        .bearer_auth(&args.admin_token)
-        .json(&json!({"name": "fault-drill", "settings": settings}))
-        .send()
-        .await
-        .context("creating the drill tenant")?;
-    if !res.status().is_success() {
-        bail!("creating the tenant failed: {}", res.text().await?);
-    }
-    let body: Value = res.json().await?;
-    Ok(body["api_key"].as_str().context("api_key")?.to_owned())
-}
-
-async fn create_chat(
-    http: &reqwest::Client,
-    base: &str,
-    key: &str,
-    i: usize,
-) -> anyhow::Result<String> {
-    let res = http
-        .post(format!("{base}/api/v1/chats/"))
-        .header("X-API-Key", key)
-        .json(&json!({"user_id": format!("drill-{i}")}))
-        .send()
-        .await?;
-    if res.status().as_u16() != 201 {
-        bail!("creating a chat failed: {}", res.text().await?);
-    }
-    let body: Value = res.json().await?;
-    Ok(body["id"].as_str().context("chat id")?.to_owned())
+    setup::create_tenant(http, base, &args.admin_token, "fault-drill", settings).await
 }
 
 /// The chat's saved messages, oldest first (retrying while the deployment recovers).

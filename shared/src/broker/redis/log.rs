@@ -285,7 +285,7 @@ impl ChatLog for RedisBroker {
             None => after == latest,
         };
         Ok(if contiguous && after <= latest {
-            Read::Events(events)
+            Read::Events { events, latest }
         } else {
             Read::Unavailable { latest }
         })
