@@ -59,8 +59,9 @@ pub struct ChatCursor {
     chat_id: Uuid,
     seq: u64,
     start: Start,
-    /// What a resume read at the handshake found, handed out by the first [`Self::pull`].
-    first: Option<Step>,
+    /// What a resume read at the handshake found, handed out by the first [`Self::pull`]
+    /// (boxed: every idle socket carries this field).
+    first: Option<Box<Step>>,
     /// The chat's latest `seq` when the socket joined: the feed may not have seen those events.
     known: u64,
     /// Whether there may be events after the cursor not yet taken.
@@ -101,7 +102,7 @@ impl ChatCursor {
             known: latest,
             behind: true,
         };
-        cursor.first = Some(match events {
+        cursor.first = Some(Box::new(match events {
             Some(events) => cursor.take(events),
             None => {
                 cursor.jump(latest);
@@ -110,7 +111,7 @@ impl ChatCursor {
                     events: Vec::new(),
                 }
             }
-        });
+        }));
         (cursor, latest)
     }
 
@@ -121,7 +122,7 @@ impl ChatCursor {
         log: &dyn ChatLog,
     ) -> Result<Step, CursorEnd> {
         if let Some(first) = self.first.take() {
-            return Ok(first);
+            return Ok(*first);
         }
         if !self.behind {
             feed.changed().await;
@@ -129,14 +130,17 @@ impl ChatCursor {
         }
         let next = feed.next(self.seq, BATCH);
         match next {
-            Next::UpToDate if self.known > self.seq => self.fill(log, self.known, false).await,
+            // Boxed: an idle socket's pending step then holds a pointer, not the log read.
+            Next::UpToDate if self.known > self.seq => {
+                Box::pin(self.fill(log, self.known, false)).await
+            }
             Next::UpToDate => {
                 self.behind = false;
                 self.start = Start::Live;
                 Ok(Step::default())
             }
             Next::Ready(events) => Ok(self.take(events)),
-            Next::Gap { until, slow } => self.fill(log, until, slow).await,
+            Next::Gap { until, slow } => Box::pin(self.fill(log, until, slow)).await,
             Next::Lost => Err(CursorEnd::Resync),
         }
     }

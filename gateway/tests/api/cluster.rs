@@ -209,38 +209,6 @@ async fn the_connection_limit_spans_gateways_and_a_crashed_gateways_slots_come_b
 }
 
 #[tokio::test]
-async fn a_worker_killed_mid_answer_leaves_exactly_one_complete_answer() -> TestResult {
-    let db = TestDb::postgres().await;
-    // A gateway without an in-process worker: the answers come from worker processes.
-    let gw = start(&db.url, use_redis).await;
-    gw.stop_worker().await;
-    let key = gw
-        .tenant_with(json!({"agent": {"options": {"reply_tokens": 40, "token_delay_ms": 50}}}))
-        .await;
-    let chat = gw.chat_as(&key, "u1").await;
-    let mut first = Node::spawn("worker", &db.url);
-    let mut ws = gw.ws(&key, "u1", &chat).await;
-    ws.next().await;
-    ws.send_json(json!({"content": "survive this"})).await;
-    let mut events = ws.until("message_stream_token").await;
-    events.extend([ws.next().await, ws.next().await]);
-    first.kill();
-    let _second = Node::spawn("worker", &db.url);
-    let ended = ws.until("message_stream_ended").await;
-    let ended = ended.last().unwrap();
-    let saved: Value = gw
-        .get(&key, &format!("/api/v1/chats/{chat}/messages"))
-        .await
-        .json()
-        .await?;
-    assert_eq!(saved["total"], 2, "one message, one answer: {saved}");
-    assert_eq!(saved["messages"][1]["content"], ended["content"]);
-    assert_eq!(saved["messages"][1]["metadata"]["tokens_used"], 40);
-    assert_eq!(ended["finish_reason"], "stop");
-    Ok(())
-}
-
-#[tokio::test]
 async fn a_worker_stopped_mid_answer_finishes_it_once_then_exits() -> TestResult {
     let db = TestDb::postgres().await;
     let gw = start(&db.url, use_redis).await;

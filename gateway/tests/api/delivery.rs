@@ -246,7 +246,11 @@ async fn a_resume_beyond_retention_is_told_then_follows_live() -> TestResult {
     let chat = app.chat("u1").await;
     let mut ws = app.ws(&app.api_key, "u1", &chat).await;
     ws.next().await;
+    // Two answers: the log keeps whole batches, so the first answer's go once the second's
+    // make up the last 5 events.
     ws.send_json(json!({"content": "fill the log"})).await;
+    ws.until("message_stream_ended").await;
+    ws.send_json(json!({"content": "and more"})).await;
     let events = ws.until("message_stream_ended").await;
     let latest = seq(events.last().unwrap());
     assert!(latest > 10);

@@ -73,6 +73,17 @@ fn consistent_answer(events: &[Value]) -> String {
     content
 }
 
+/// A gateway (with its worker) on the test's own Redis; returns it and that Redis's URL.
+async fn on_own_redis(db: &TestDb, redis: &OwnRedis) -> (TestApp, String) {
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let gw = start(&db.url, |c| {
+        use_redis(c);
+        c.redis_url = Some(url.clone());
+    })
+    .await;
+    (gw, url)
+}
+
 /// The chat's saved messages.
 async fn saved(app: &TestApp, key: &str, chat: &str) -> Value {
     app.get(key, &format!("/api/v1/chats/{chat}/messages"))
@@ -121,12 +132,7 @@ async fn a_client_resumes_on_another_gateway_after_its_gateway_is_killed_mid_ans
 async fn a_killed_subscriber_connection_loses_nothing() -> TestResult {
     let redis = OwnRedis::start();
     let db = TestDb::postgres().await;
-    let url = format!("redis://127.0.0.1:{}", redis.port);
-    let gw = start(&db.url, |c| {
-        use_redis(c);
-        c.redis_url = Some(url.clone());
-    })
-    .await;
+    let (gw, url) = on_own_redis(&db, &redis).await;
     let key = gw
         .tenant_with(json!({"agent": {"options": {"reply_tokens": 60, "token_delay_ms": 30}}}))
         .await;
@@ -170,12 +176,7 @@ async fn a_killed_subscriber_connection_loses_nothing() -> TestResult {
 async fn acknowledged_messages_survive_redis_restarted_empty() -> TestResult {
     let mut redis = OwnRedis::start();
     let db = TestDb::postgres().await;
-    let url = format!("redis://127.0.0.1:{}", redis.port);
-    let gw = start(&db.url, |c| {
-        use_redis(c);
-        c.redis_url = Some(url.clone());
-    })
-    .await;
+    let (gw, url) = on_own_redis(&db, &redis).await;
     gw.stop_worker().await;
     let chat = gw.chat("u1").await;
     let mut ws = open(gw.port, &gw.api_key, &chat, None).await;

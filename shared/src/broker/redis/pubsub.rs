@@ -7,15 +7,13 @@ use std::{
     time::Duration,
 };
 
-use bytestring::ByteString;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{Control, RedisBroker, STAMP};
-use crate::broker::{BrokerError, Sequenced, Subscription};
+use crate::broker::{BrokerError, Subscription};
 use crate::metrics::{metrics, seconds_since};
-use crate::protocol::frame_seq;
 use crate::telemetry::trace;
 
 /// Turns the hub's "chat emptied" reports into subscriber requests.
@@ -200,32 +198,35 @@ fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg
     else {
         return;
     };
-    // One copy of the payload; each frame is then a view of it.
-    let payload = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
-    let mut lines = payload.split(|b| *b == b'\n').peekable();
-    let stamp = lines.next_if(|line| line.starts_with(STAMP.as_bytes()));
-    let _forwarding = stamp
-        .and_then(read_stamp)
-        .map(|t| trace::forward_first_token(chat, t).entered());
-    let events = lines
-        .filter(|line| !line.is_empty())
-        // Each line is a whole JSON text, so valid UTF-8 on its own.
-        .filter_map(|line| ByteString::try_from(payload.slice_ref(line)).ok())
-        .filter_map(|frame| frame_seq(&frame).map(|seq| Sequenced { seq, frame }));
+    // The first line is the stamp: publish time, first `seq`, then the trace context if any.
+    let payload = msg.get_payload_bytes();
+    let (stamp, frames) = match payload.iter().position(|b| *b == b'\n') {
+        Some(i) => (&payload[..i], &payload[i + 1..]),
+        None => return,
+    };
+    let Some((first, trace)) = read_stamp(stamp) else {
+        return;
+    };
+    let _forwarding = trace.map(|t| trace::forward_first_token(chat, t).entered());
+    let events = super::log::sequence(first, frames);
     b.hub.push(chat, events);
 }
 
-/// Observes token delivery from a stamp line (`@<unix micros>[ <traceparent>]`); returns the
-/// trace context it carries, if any.
-fn read_stamp(stamp: &[u8]) -> Option<&str> {
+/// Reads a stamp line (`@<unix micros> <first seq>[ <traceparent>]`), observing token
+/// delivery; returns the batch's first `seq` and the trace context it carries, if any.
+fn read_stamp(stamp: &[u8]) -> Option<(u64, Option<&str>)> {
     let stamp = std::str::from_utf8(stamp.strip_prefix(STAMP.as_bytes())?).ok()?;
-    let (published, trace) = stamp.split_once(' ').unwrap_or((stamp, ""));
-    let published = published
+    let mut parts = stamp.split(' ');
+    let published = parts
+        .next()?
         .parse()
         .ok()
         .and_then(chrono::DateTime::from_timestamp_micros);
     if let Some(t) = published {
         metrics().token_delivery.observe(seconds_since(t));
     }
-    (!trace.is_empty()).then_some(trace)
+    // The script appends the first `seq` after the worker's stamp (and its trace context).
+    let first: u64 = parts.next_back()?.parse().ok()?;
+    let trace = parts.next().filter(|t| !t.is_empty());
+    Some((first, trace))
 }
