@@ -39,15 +39,16 @@ use crate::protocol::{AnswerMark, Job, ServerEvent, with_seq};
 /// fenced, -2 when a block is needed. Constant work per batch: the `seq`s are the entry id and
 /// the stamp's, and readers write them into the frames.
 const APPEND_LUA: &str = r#"
-local function append(first)
+local function append(first, maintain)
   local n = tonumber(ARGV[first] or '0')
   if n < 1 then return 0 end
   local attempt, batch
   if ARGV[1] ~= '' then
     attempt, batch = string.match(ARGV[1], '^(%d+):(%d+)$')
     attempt, batch = tonumber(attempt), tonumber(batch)
-    local held = redis.call('HMGET', KEYS[4], 'a', 'b')
-    local a, b = tonumber(held[1] or '0'), tonumber(held[2] or '0')
+    local held = redis.call('GET', KEYS[4]) or '0:0'
+    local a, b = string.match(held, '^(%d+):(%d+)$')
+    a, b = tonumber(a), tonumber(b)
     if a > attempt then return -1 end
     if a == attempt and b >= batch then return 0 end
   end
@@ -55,10 +56,7 @@ local function append(first)
   if not state[1] then return -2 end
   local seq, limit = tonumber(state[1]), tonumber(state[2])
   if seq + n > limit then return -2 end
-  if attempt then
-    redis.call('HSET', KEYS[4], 'a', attempt, 'b', batch)
-    redis.call('EXPIRE', KEYS[4], 86400)
-  end
+  if attempt then redis.call('SET', KEYS[4], ARGV[1], 'EX', 86400) end
   local now = tonumber(ARGV[2])
   local from = seq + 1
   seq = seq + n
@@ -71,17 +69,21 @@ local function append(first)
     redis.call('HSET', KEYS[1], 'seq', seq)
     if mark == 'c' then redis.call('HDEL', KEYS[1], 'open') end
   end
-  redis.call('EXPIRE', KEYS[1], 604800)
-  local keep_from = seq - tonumber(ARGV[3])
-  while true do
-    local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-    if not oldest then break end
-    local start = tonumber(string.match(oldest[1], '^%d+'))
-    if start + tonumber(oldest[2][4]) - 1 > keep_from then break end
-    if tonumber(oldest[2][2]) > now - tonumber(ARGV[4]) then break end
-    redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', start + 1))
+  -- Expiry and trimming once per answer (and per message), not per batch of tokens: a
+  -- log may hold one answer more than its bounds for the time the answer streams.
+  if maintain or mark ~= '' then
+    redis.call('EXPIRE', KEYS[1], 604800)
+    redis.call('PEXPIRE', KEYS[2], ARGV[5])
+    local keep_from = seq - tonumber(ARGV[3])
+    while true do
+      local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+      if not oldest then break end
+      local start = tonumber(string.match(oldest[1], '^%d+'))
+      if start + tonumber(oldest[2][4]) - 1 > keep_from then break end
+      if tonumber(oldest[2][2]) > now - tonumber(ARGV[4]) then break end
+      redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', start + 1))
+    end
   end
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('PUBLISH', KEYS[3], ARGV[6] .. ' ' .. id .. '\n' .. ARGV[first + 1])
   return seq
 end
@@ -89,7 +91,7 @@ end
 
 /// The publish script: [`APPEND_LUA`] with the count and frames from ARGV[8].
 pub(super) fn publish_script() -> Script {
-    Script::new(&format!("{APPEND_LUA} return append(8)"))
+    Script::new(&format!("{APPEND_LUA} return append(8, false)"))
 }
 
 /// The enqueue script: appends the announcement (count and frames from ARGV[10]) as [`publish_script`]
@@ -98,7 +100,7 @@ pub(super) fn publish_script() -> Script {
 /// stream, the message's `queued` marker, the chat's outstanding jobs.
 pub(super) fn enqueue_script() -> Script {
     Script::new(&format!(
-        "{APPEND_LUA} local r = append(10) if r < 0 then return r end \
+        "{APPEND_LUA} local r = append(10, true) if r < 0 then return r end \
          local n = redis.call('INCR', KEYS[5]) redis.call('EXPIRE', KEYS[5], 604800) \
          redis.call('XADD', KEYS[6], '*', 'job', ARGV[8], 'seq', n, 'chat', ARGV[9]) \
          redis.call('ZADD', KEYS[8], n, n) redis.call('EXPIRE', KEYS[8], 604800) \
