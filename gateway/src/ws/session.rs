@@ -137,6 +137,22 @@ impl Drop for TokenTally {
     }
 }
 
+/// The answer streaming to a socket, as far as its writes tell.
+#[derive(Default)]
+struct AnswerState {
+    /// Whether an answer is streaming (a chat's answers never overlap).
+    streaming: bool,
+    tokens: TokenTally,
+}
+
+/// How writing a step ended.
+enum Written {
+    /// Every event went out.
+    All,
+    /// The socket is gone or stalled.
+    Gone,
+}
+
 /// Counts the socket in `open_sockets` while it lives.
 struct OpenSocket;
 
@@ -281,17 +297,16 @@ impl Connection {
         let mut last_seen = Instant::now();
         let stop = self.state.shutdown.token.clone();
         let drain = Duration::from_secs(self.state.config.drain_timeout_secs);
-        // Whether an answer is streaming to this socket (a chat's answers never overlap).
-        let mut streaming = false;
-        let mut tokens = TokenTally::default();
+        let mut answer = AnswerState::default();
         // Set once the gateway stops: the socket then lives until its answer ends, or this.
         // Boxed: an idle socket's task then carries a pointer, not a timer.
         let mut drain_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let restart = || close(CloseCode::Restart, "server restarting; reconnect");
         loop {
+            let draining = drain_timer.is_some();
             let flow = tokio::select! {
                 () = stop.cancelled(), if drain_timer.is_none() => {
-                    if !streaming {
+                    if !answer.streaming {
                         return Some(restart());
                     }
                     drain_timer = Some(Box::pin(tokio::time::sleep(drain)));
@@ -301,32 +316,12 @@ impl Connection {
                     return Some(restart());
                 }
                 step = cursor.pull(events, log) => match step {
-                    Ok(Step { notice, events }) => {
-                        if let Some(notice) = notice
-                            && self.send(notice.to_event()).await.is_break()
-                        {
-                            return None;
-                        }
-                        for event in events {
-                            let forwarded = Forwarded::of(&event.frame);
-                            if self.write(event.frame).await.is_break() {
-                                return None;
-                            }
-                            match forwarded {
-                                Forwarded::Token => tokens.0 += 1,
-                                Forwarded::Started => streaming = true,
-                                Forwarded::Ended => {
-                                    streaming = false;
-                                    tokens.flush();
-                                    if drain_timer.is_some() {
-                                        return Some(restart());
-                                    }
-                                }
-                                Forwarded::Other => {}
-                            }
-                        }
-                        ControlFlow::Continue(())
-                    }
+                    // Boxed: an idle socket's task then carries none of the write path's state.
+                    Ok(step) => match Box::pin(self.write_step(step, &mut answer)).await {
+                        Written::All if draining && !answer.streaming => return Some(restart()),
+                        Written::All => ControlFlow::Continue(()),
+                        Written::Gone => return None,
+                    },
                     Err(CursorEnd::SlowConsumer) => {
                         self.stalled = true;
                         return None;
@@ -360,6 +355,31 @@ impl Connection {
                 return None;
             }
         }
+    }
+
+    /// Writes a step's notice and events, keeping track of the answer they belong to.
+    async fn write_step(&mut self, step: Step, answer: &mut AnswerState) -> Written {
+        if let Some(notice) = step.notice
+            && self.send(notice.to_event()).await.is_break()
+        {
+            return Written::Gone;
+        }
+        for event in step.events {
+            let forwarded = Forwarded::of(&event.frame);
+            if self.write(event.frame).await.is_break() {
+                return Written::Gone;
+            }
+            match forwarded {
+                Forwarded::Token => answer.tokens.0 += 1,
+                Forwarded::Started => answer.streaming = true,
+                Forwarded::Ended => {
+                    answer.streaming = false;
+                    answer.tokens.flush();
+                }
+                Forwarded::Other => {}
+            }
+        }
+        Written::All
     }
 
     /// Handles one client frame; `Err` ends the socket (with a close reason to send, if any).
