@@ -22,13 +22,13 @@ use tracing::Instrument as _;
 
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
-use serde_json::{Map, Value, json};
+
 use shared::{
     broker::Delivery,
     mocktext::count_words,
     protocol::{ErrorCode, Job, ServerEvent, Usage, answer_id},
     shutdown::CancellationToken,
-    store::{Message, NewAnswer, Role, StoreError},
+    store::{Message, Role, StoreError},
 };
 
 use crate::{
@@ -38,12 +38,12 @@ use crate::{
 };
 
 /// How a stream ended.
-struct Outcome {
-    content: String,
-    tokens: u32,
-    finish_reason: &'static str,
-    usage: Option<Usage>,
-    error: Option<ProviderError>,
+pub(crate) struct Outcome {
+    pub(crate) content: String,
+    pub(crate) tokens: u32,
+    pub(crate) finish_reason: &'static str,
+    pub(crate) usage: Option<Usage>,
+    pub(crate) error: Option<ProviderError>,
     /// Whether time to first token was recorded.
     first_token_out: bool,
     /// The attempt must stop (taken over, or its events cannot be published): save nothing.
@@ -164,7 +164,7 @@ async fn ack(ctx: &Context, delivery: &Delivery) {
 }
 
 /// How an answer attempt ended.
-enum Done {
+pub(crate) enum Done {
     /// Answered (or failed and said so): acknowledge.
     Answered,
     /// Not acknowledged: a newer attempt owns the job, or the events could not be published.
@@ -260,12 +260,12 @@ async fn try_answer(
     if let Some(stop) = outcome.stopped {
         return Ok(Done::Left(stop));
     }
-    let answer = Answer {
+    let answer = crate::finish::Answer {
         id: answer_id,
         model: &model,
         prompt_estimate,
     };
-    finish(ctx, publisher, job, answer, outcome).await
+    crate::finish::finish(ctx, publisher, job, answer, outcome).await
 }
 
 /// What the stream of one answer needs besides the model.
@@ -417,119 +417,6 @@ fn take(
     }
 }
 
-/// The answer being finished.
-struct Answer<'a> {
-    id: String,
-    model: &'a str,
-    prompt_estimate: u32,
-}
-
-async fn finish(
-    ctx: &Context,
-    publisher: &mut Publisher<'_>,
-    job: &Job,
-    answer: Answer<'_>,
-    out: Outcome,
-) -> Result<Done, StoreError> {
-    let announce = out.error.is_none() || out.tokens > 0;
-    if announce {
-        let usage = out.usage.unwrap_or(Usage {
-            prompt_tokens: answer.prompt_estimate,
-            completion_tokens: out.tokens,
-            total_tokens: answer.prompt_estimate.saturating_add(out.tokens),
-        });
-        let tokens_used = usage.completion_tokens;
-        let mut metadata = Map::new();
-        metadata.insert("model".into(), Value::from(answer.model));
-        metadata.insert("tokens_used".into(), Value::from(tokens_used));
-        metadata.insert("finish_reason".into(), Value::from(out.finish_reason));
-        if let Some(u) = out.usage {
-            metadata.insert("usage".into(), json!(u));
-        }
-        let saved = ctx
-            .store
-            .add_answer(&NewAnswer {
-                id: answer.id.clone(),
-                chat_id: job.chat_id,
-                user_id: job.user_id.clone(),
-                reply_to: job.message_id.clone(),
-                content: out.content.clone(),
-                metadata,
-            })
-            .instrument(tracing::debug_span!(target: trace::TARGET, "store.save_answer"))
-            .await?;
-        if !saved {
-            return replay_saved(ctx, publisher, job).await;
-        }
-        ctx.usage.add(job.tenant_id, &usage);
-        let ended = ServerEvent::MessageStreamEnded {
-            timestamp: Utc::now(),
-            message_id: answer.id,
-            chat_id: job.chat_id,
-            user_id: job.user_id.clone(),
-            content: out.content,
-            finish_reason: out.finish_reason.into(),
-            usage: out.usage,
-        };
-        // Saved: a lost `message_stream_ended` is still in the history, so the job is done.
-        let _ = publisher.publish(&[ended], None).await;
-    }
-    if let Some(e) = out.error {
-        metrics().model_error(e.kind());
-        tracing::Span::current().record("otel.status_code", "ERROR");
-        tracing::warn!(error = %e, chat_id = %job.chat_id, "model failed");
-        if !announce {
-            // Nothing was saved: record the outcome, or the unanswered sweep would ask again.
-            ctx.store.give_up(&job.message_id).await?;
-        }
-        let failed = ServerEvent::error(ErrorCode::AiError, format!("The AI model failed: {e}"));
-        let _ = publisher.publish(&[failed], None).await;
-    }
-    Ok(Done::Answered)
-}
-
-/// Another attempt saved its answer first: stream the saved text as one more restart, so that
-/// the last `message_stream_started` of the answer is followed by exactly the saved text.
-async fn replay_saved(
-    ctx: &Context,
-    publisher: &mut Publisher<'_>,
-    job: &Job,
-) -> Result<Done, StoreError> {
-    let Some(saved) = ctx.store.answer_to(&job.message_id).await? else {
-        return Ok(Done::Answered);
-    };
-    let finish_reason = saved
-        .metadata
-        .get("finish_reason")
-        .and_then(Value::as_str)
-        .unwrap_or("stop")
-        .to_owned();
-    let events = [
-        ServerEvent::MessageStreamStarted {
-            timestamp: Utc::now(),
-            chat_id: job.chat_id,
-            user_id: job.user_id.clone(),
-            message_id: saved.id.clone(),
-            reply_to: job.message_id.clone(),
-            attempt: publisher.attempt(),
-        },
-        ServerEvent::token(job.chat_id, &saved.id, saved.content.clone()),
-        ServerEvent::MessageStreamEnded {
-            timestamp: Utc::now(),
-            message_id: saved.id,
-            chat_id: job.chat_id,
-            user_id: job.user_id.clone(),
-            content: saved.content,
-            finish_reason,
-            usage: None,
-        },
-    ];
-    match publisher.publish(&events, None).await {
-        Err(Stop::TakenOver) => Ok(Done::Left(Stop::TakenOver)),
-        Err(Stop::Unreachable) | Ok(()) => Ok(Done::Answered),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,7 +428,7 @@ mod tests {
             role: Role::User,
             user_id: "u".into(),
             content: content.into(),
-            metadata: Map::new(),
+            metadata: serde_json::Map::new(),
             reply_to: None,
             client_message_id: None,
             created_at: Utc::now(),

@@ -2,7 +2,8 @@
 //! the chat's sockets token by token and saves it.
 //!
 //! - [`dispatch`]: one chat's messages one at a time in arrival order, different chats in parallel.
-//! - [`answer`]: answering one message (context, streaming, cancel, saving, errors).
+//! - [`answer`]: answering one message (context, streaming, cancel, errors).
+//! - [`finish`]: saving the answer and announcing its end.
 //! - [`publisher`]: an attempt's events, fenced, numbered and retried.
 //! - [`usage`]: per-tenant daily usage, written once a second.
 //! - [`sweep`]: queues again saved messages that have neither an answer nor a live job.
@@ -12,6 +13,7 @@
 
 pub mod answer;
 pub mod dispatch;
+pub mod finish;
 pub mod provider;
 pub mod publisher;
 pub mod sweep;
