@@ -177,18 +177,12 @@ pub enum AnswerMark {
 }
 
 /// The frame of a chat event with its `seq` (API.md §4.1) added as the last field. Frames made
-/// by [`ServerEvent::to_frame`] are JSON objects, so the closing brace is replaced; the Redis
-/// chat log's publish script does the same in Lua (`broker::redis::log`).
+/// by [`ServerEvent::to_frame`] are JSON objects, so the closing brace is replaced. The chat
+/// logs store frames without their `seq`; whoever reads them (a gateway's feed, a log read)
+/// writes it in here.
 pub fn with_seq(frame: &str, seq: u64) -> Frame {
     let body = frame.strip_suffix('}').unwrap_or(frame);
     ByteString::from(format!("{body},\"seq\":{seq}}}"))
-}
-
-/// The `seq` of a frame made by [`with_seq`], read from its end without parsing the JSON.
-pub fn frame_seq(frame: &str) -> Option<u64> {
-    let body = frame.strip_suffix('}')?;
-    let (_, digits) = body.rsplit_once(",\"seq\":")?;
-    digits.parse().ok()
 }
 
 /// The `event_type` of a frame made by [`ServerEvent::to_frame`] (serde writes the tag first),
@@ -209,12 +203,10 @@ mod tests {
         let token = ServerEvent::token(chat, "msg-1", "hi").to_frame();
         assert_eq!(frame_event_type(&token), Some("message_stream_token"));
         let sequenced = with_seq(&token, 42);
-        assert_eq!(frame_seq(&sequenced), Some(42));
         assert_eq!(frame_event_type(&sequenced), Some("message_stream_token"));
         let v: serde_json::Value = serde_json::from_str(&sequenced).unwrap_or_default();
         assert_eq!(v["seq"], 42);
         assert_eq!(v["token"], "hi");
-        assert_eq!(frame_seq(&token), None);
         let pong = ServerEvent::Pong {
             timestamp: chrono::Utc::now(),
         };

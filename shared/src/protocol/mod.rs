@@ -9,5 +9,5 @@ mod job;
 
 pub use client::{ClientFrame, FrameError, parse_client_frame, validate_user_id};
 pub use errors::{ErrorCode, ErrorDetails};
-pub use events::{AnswerMark, Frame, ServerEvent, Usage, frame_event_type, frame_seq, with_seq};
+pub use events::{AnswerMark, Frame, ServerEvent, Usage, frame_event_type, with_seq};
 pub use job::{Job, answer_id, message_id};
