@@ -69,7 +69,7 @@ pub struct RedisBrokerConfig {
     pub url: String,
     /// Prefix of every key and channel (lets several deployments or tests share one Redis).
     pub prefix: String,
-    /// Events buffered per socket (see [`Hub`]).
+    /// Recent events kept per chat for this process's sockets (see [`Hub`]).
     pub chat_buffer: usize,
     /// A job idle this long in a silent worker's hands is given to another worker.
     pub reclaim_after: Duration,
