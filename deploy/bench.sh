@@ -6,6 +6,8 @@
 #   deploy/bench.sh storm [N] [K] # N sockets (10000) over K chats (100) dropped and resumed at once
 # TOPOLOGY=distributed runs one gateway and one worker process on the local Redis and
 # PostgreSQL instead of the embedded gateway, and also reports Redis PUBLISH calls per token.
+# throughput also prints the CPU seconds each process used (gateway, worker, Redis, PostgreSQL,
+# the load generator): where a change's cost went, steadier than a rate on a shared machine.
 # GATEWAY_BIN / WORKER_BIN run other builds (say, the previous commit's) for a same-day comparison;
 # GATEWAY_WRAP prefixes the gateway's command (e.g. "heaptrack -o /tmp/gw").
 # Reports land in reports/. The gateway and the load generator share this machine.
@@ -34,15 +36,27 @@ gw=$!
 trap 'kill $gw $wk 2>/dev/null; wait $gw $wk 2>/dev/null; rm -rf "$dir"' EXIT
 publishes() { redis-cli info commandstats | awk -F'[=,:]' '/^cmdstat_publish:/ {print $3}'; }
 for _ in $(seq 50); do curl -sf "127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+# CPU seconds (user + system) of a process, of Redis, and of every PostgreSQL process: where a
+# run's cost went, steadier than a rate on this shared machine.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+redis_cpu() { redis-cli info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.2f", s}'; }
+pg_cpu() { for p in $(pgrep -x postgres); do cpu_s "$p"; echo; done | awk '{s += $1} END {printf "%.2f", s}'; }
+cpu_line() { echo "$(cpu_s $gw) ${wk:+$(cpu_s $wk)} $(redis_cpu) $(pg_cpu)"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$gw/status"; }
 lg=./target/release/loadgen
 case "$mode" in
   throughput)
     p0=$(publishes || echo 0)
-    $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 50 --reply-tokens 50 \
+    c0=$(cpu_line)
+    TIMEFORMAT='loadgen cpu seconds: %U user, %S system'
+    time $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 50 --reply-tokens 50 \
         --report reports/throughput.json
+    c1=$(cpu_line)
     if [ -n "$wk" ]; then
       echo "redis PUBLISH calls per token: $(awk -v a="$p0" -v b="$(publishes)" 'BEGIN {printf "%.3f", (b - a) / 500000}')"
+      echo "$c0 $c1" | awk '{printf "cpu seconds: gateway %.2f, worker %.2f, redis %.2f, postgres %.2f\n", $5 - $1, $6 - $2, $7 - $3, $8 - $4}'
+    else
+      echo "$c0 $c1" | awk '{printf "cpu seconds: gateway %.2f\n", $4 - $1}'
     fi ;;
   ttft)
     $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 30 --reply-tokens 50 \

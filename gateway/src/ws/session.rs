@@ -44,7 +44,7 @@ pub fn run(
     state: Arc<AppState>,
     params: HandshakeParams,
     session: Session,
-    mut stream: AggregatedMessageStream,
+    mut stream: Box<AggregatedMessageStream>,
 ) -> impl std::future::Future<Output = ()> {
     async move {
         let accepted = {
@@ -289,14 +289,11 @@ impl Connection {
         stream: &mut AggregatedMessageStream,
     ) -> Option<CloseReason> {
         let broker = self.state.broker.clone();
-        let log: &dyn shared::broker::ChatLog = broker.as_ref();
         let limits = &self.state.config.limits;
-        let idle_timeout = Duration::from_secs(limits.idle_timeout_secs);
         let period = Duration::from_secs(limits.heartbeat_interval_secs.max(1));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut last_seen = Instant::now();
         let stop = self.state.shutdown.token.clone();
-        let drain = Duration::from_secs(self.state.config.drain_timeout_secs);
         let mut answer = AnswerState::default();
         // Set once the gateway stops: the socket then lives until its answer ends, or this.
         // Boxed: an idle socket's task then carries a pointer, not a timer.
@@ -309,13 +306,14 @@ impl Connection {
                     if !answer.streaming {
                         return Some(restart());
                     }
+                    let drain = Duration::from_secs(self.state.config.drain_timeout_secs);
                     drain_timer = Some(Box::pin(tokio::time::sleep(drain)));
                     ControlFlow::Continue(())
                 }
                 () = async { if let Some(t) = drain_timer.as_mut() { t.await } }, if drain_timer.is_some() => {
                     return Some(restart());
                 }
-                step = cursor.pull(events, log) => match step {
+                step = cursor.pull(events, broker.as_ref()) => match step {
                     // Boxed: an idle socket's task then carries none of the write path's state.
                     Ok(step) => match Box::pin(self.write_step(step, &mut answer)).await {
                         Written::All if draining && !answer.streaming => return Some(restart()),
@@ -342,7 +340,8 @@ impl Connection {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if last_seen.elapsed() >= idle_timeout {
+                    let idle_timeout = self.state.config.limits.idle_timeout_secs;
+                    if last_seen.elapsed() >= Duration::from_secs(idle_timeout) {
                         return Some(close(CloseCode::Normal, "idle timeout"));
                     }
                     match Box::pin(self.session.ping(b"")).await {

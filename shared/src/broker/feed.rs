@@ -47,12 +47,25 @@ impl FeedState {
         }
     }
 
+    /// The index of the first event after `cursor`. Usually the ring holds consecutive `seq`s,
+    /// so the index is computed; after a hole, searched.
+    fn position_after(&self, cursor: u64) -> usize {
+        let guess = self
+            .ring
+            .front()
+            .and_then(|front| usize::try_from((cursor + 1).checked_sub(front.seq)?).ok());
+        match guess {
+            Some(i) if self.ring.get(i).is_some_and(|e| e.seq == cursor + 1) => i,
+            _ => self.ring.partition_point(|e| e.seq <= cursor),
+        }
+    }
+
     /// What a socket whose cursor is `cursor` should do next.
     fn next(&self, cursor: u64, max: usize) -> Next {
         if self.head <= cursor {
             return Next::UpToDate;
         }
-        let from = self.ring.partition_point(|e| e.seq <= cursor);
+        let from = self.position_after(cursor);
         let Some(first) = self.ring.get(from) else {
             return Next::Gap {
                 until: self.head,

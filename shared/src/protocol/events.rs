@@ -181,8 +181,24 @@ pub enum AnswerMark {
 /// logs store frames without their `seq`; whoever reads them (a gateway's feed, a log read)
 /// writes it in here.
 pub fn with_seq(frame: &str, seq: u64) -> Frame {
-    let body = frame.strip_suffix('}').unwrap_or(frame);
-    ByteString::from(format!("{body},\"seq\":{seq}}}"))
+    sequenced_frame(&[frame.strip_suffix('}').unwrap_or(frame)], seq)
+}
+
+/// A frame from its parts (a JSON object without its closing brace, in pieces) and its `seq`,
+/// written as the last field. On every event to every gateway: one sized copy, not the
+/// formatting machinery.
+pub fn sequenced_frame(parts: &[&str], seq: u64) -> Frame {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(seq);
+    let len = parts.iter().map(|p| p.len()).sum::<usize>() + digits.len() + 8;
+    let mut out = String::with_capacity(len);
+    for part in parts {
+        out.push_str(part);
+    }
+    out.push_str(",\"seq\":");
+    out.push_str(digits);
+    out.push('}');
+    ByteString::from(out)
 }
 
 /// The `event_type` of a frame made by [`ServerEvent::to_frame`] (serde writes the tag first),

@@ -1,21 +1,22 @@
 //! The Redis chat log: per chat, a hash `chatmeta:{id}` (`seq`: the latest `seq`; `limit`: the
 //! end of the block reserved in the store; `open`: the `seq` of the open answer's
-//! `message_stream_started`) and a stream `chatlog:{id}` with one entry per publish batch, its
-//! id the batch's first `seq` (fields `t`: time, `n`: events, `f`: the frames, one per line).
-//! One entry per batch rather than per event, and the frames without their `seq`s (readers
-//! write them in from the batch's first `seq`): the script does the same few commands whatever
-//! the batch holds. Per event (an `XADD` each, `seq` written into each frame in Lua) it took
-//! 80 µs of Redis time for 13 events (`redis-benchmark` on this machine); per batch, see
-//! `docs/architecture.md`.
+//! `message_stream_started`, 0 when none; `fk`/`fb`: the last fenced publisher and its batch;
+//! `low`/`lowt`: the oldest batch kept and its time) and a stream `chatlog:{id}` with one entry
+//! per publish batch, its id the batch's first `seq` (fields `t`: time, `n`: events, `f`: the
+//! frames, one per line). One entry per batch rather than per event, and the frames without
+//! their `seq`s (readers write them in from the batch's first `seq`): the script does the same
+//! few commands whatever the batch holds. Per event (an `XADD` each, `seq` written into each
+//! frame in Lua) it took 80 µs of Redis time for 13 events; per batch, fenced per message key,
+//! 23 µs; as now, 16 µs (17 tokens, `redis` `commandstats`, no other load).
 //!
 //! One script per publish batch gives the events their `seq`s, appends them, trims the log and
 //! publishes the batch on the chat's channel: one round trip, atomic, so the log and the live
 //! feed never disagree. A batch is trimmed once all its events are beyond the last
-//! `log_events` *and* it is older than `log_secs`; the whole log expires `log_idle_secs` after the chat's last event
-//! (the meta hash lives a week, so a resume at the latest `seq` still works after that).
-//! The same script fences job attempts: `fence:{message_id}` holds the newest attempt that
-//! published and its last batch number; an older attempt's publish is refused, and a batch
-//! repeated after a lost reply is not appended twice.
+//! `log_events` *and* it is older than `log_secs`; the whole log expires `log_idle_secs` after
+//! the chat's last event (the meta hash lives a week, so a resume at the latest `seq` still
+//! works after that). The same script fences job attempts: `fence:{message_id}` holds the
+//! newest attempt that published; an older attempt's publish is refused, and a batch repeated
+//! after a lost reply is not appended twice.
 //!
 //! The script answers `-2` when the chat has no meta (a new chat, or Redis lost its data) or its
 //! block is used up; the broker then reserves a block in the store and sets it with
@@ -25,84 +26,103 @@ use async_trait::async_trait;
 use redis::Script;
 use uuid::Uuid;
 
+use super::batch::decode;
 use super::{RedisBroker, STAMP, unavailable};
-use crate::broker::{
-    BrokerError, ChatLog, Head, PublishOptions, Read, Sequenced, Subscription, seqs,
-};
-use crate::protocol::{AnswerMark, Job, ServerEvent, with_seq};
+use crate::broker::{BrokerError, ChatLog, Head, PublishOptions, Read, Subscription, seqs};
+use crate::protocol::{AnswerMark, Job, ServerEvent};
 
 /// The append function shared by the publish and the enqueue scripts. KEYS: meta, log, channel,
-/// fence. ARGV: fence as `attempt:batch` (or ''), now (ms), keep events, keep ms, idle ms, stamp
-/// line, the batch's answer mark (`o<i>`: event i opens an answer, `c`: the batch closes it, ''),
-/// then from ARGV[first]: the number of events and the batch's frames, one per line, without
-/// their `seq`s. Returns the last `seq`, 0 when the attempt published this batch already, -1 when
-/// fenced, -2 when a block is needed. Constant work per batch: the `seq`s are the entry id and
-/// the stamp's, and readers write them into the frames.
+/// fence. ARGV: the fence as `message_id:attempt` (or ''), the attempt's batch number, the
+/// attempt, now (ms), keep events, keep ms, idle ms, stamp line, the batch's answer mark (`o<i>`:
+/// event i opens an answer, `c`: the batch closes it, ''), then from ARGV[first]: the number of
+/// events and the batch's frames, one per line, without their `seq`s. Returns the last `seq`, 0
+/// when the attempt published this batch already, -1 when fenced, -2 when a block is needed.
+///
+/// Constant work per batch, and as few commands as the common case allows (every `redis.call`
+/// costs, and each string a script touches is hashed whole by Redis's Lua):
+/// - The `seq`s are the entry id and the stamp's; readers write them into the frames.
+/// - The meta remembers the last fenced publisher (`fk`) and its batch (`fb`): while the same
+///   attempt goes on publishing, nobody else did, so its fence key (`fence:{message_id}`, the
+///   newest attempt) is read and raised only on an attempt's first batch here.
+/// - The meta remembers the oldest batch kept (`low`, `lowt`), so the log is read for trimming
+///   only once its oldest batch may be beyond both bounds.
 const APPEND_LUA: &str = r#"
 local function append(first, maintain)
   local n = tonumber(ARGV[first] or '0')
   if n < 1 then return 0 end
-  local attempt, batch
-  if ARGV[1] ~= '' then
-    attempt, batch = string.match(ARGV[1], '^(%d+):(%d+)$')
-    attempt, batch = tonumber(attempt), tonumber(batch)
-    local held = redis.call('GET', KEYS[4]) or '0:0'
-    local a, b = string.match(held, '^(%d+):(%d+)$')
-    a, b = tonumber(a), tonumber(b)
-    if a > attempt then return -1 end
-    if a == attempt and b >= batch then return 0 end
-  end
-  local state = redis.call('HMGET', KEYS[1], 'seq', 'limit')
+  local state = redis.call('HMGET', KEYS[1], 'seq', 'limit', 'fk', 'fb', 'low', 'lowt')
   if not state[1] then return -2 end
-  local seq, limit = tonumber(state[1]), tonumber(state[2])
-  if seq + n > limit then return -2 end
-  if attempt then redis.call('SET', KEYS[4], ARGV[1], 'EX', 86400) end
-  local now = tonumber(ARGV[2])
+  local seq = tonumber(state[1])
+  if seq + n > tonumber(state[2]) then return -2 end
+  local fenced = ARGV[1] ~= ''
+  if fenced then
+    if state[3] == ARGV[1] then
+      if tonumber(state[4]) >= tonumber(ARGV[2]) then return 0 end
+    else
+      local held = tonumber(redis.call('GET', KEYS[4]) or '0')
+      local attempt = tonumber(ARGV[3])
+      if held > attempt then return -1 end
+      if held < attempt then redis.call('SET', KEYS[4], ARGV[3], 'EX', 86400) end
+    end
+  end
+  local now = ARGV[4]
   local from = seq + 1
   seq = seq + n
   local id = string.format('%d', from)
-  redis.call('XADD', KEYS[2], id .. '-0', 't', ARGV[2], 'n', n, 'f', ARGV[first + 1])
-  local mark = ARGV[7]
-  if string.sub(mark, 1, 1) == 'o' then
-    redis.call('HSET', KEYS[1], 'seq', seq, 'open', from + tonumber(string.sub(mark, 2)))
-  else
-    redis.call('HSET', KEYS[1], 'seq', seq)
-    if mark == 'c' then redis.call('HDEL', KEYS[1], 'open') end
+  redis.call('XADD', KEYS[2], id .. '-0', 't', now, 'n', n, 'f', ARGV[first + 1])
+  local set = {'seq', seq}
+  if fenced then
+    set[#set + 1] = 'fk'; set[#set + 1] = ARGV[1]; set[#set + 1] = 'fb'; set[#set + 1] = ARGV[2]
   end
-  -- Expiry and trimming once per answer (and per message), not per batch of tokens: a
-  -- log may hold one answer more than its bounds for the time the answer streams.
-  if maintain or mark ~= '' then
+  if not state[5] then
+    set[#set + 1] = 'low'; set[#set + 1] = from; set[#set + 1] = 'lowt'; set[#set + 1] = now
+  end
+  local mark = ARGV[9]
+  if mark == 'c' then
+    set[#set + 1] = 'open'; set[#set + 1] = 0
+  elseif mark ~= '' then
+    set[#set + 1] = 'open'; set[#set + 1] = from + tonumber(string.sub(mark, 2))
+  end
+  redis.call('HSET', KEYS[1], unpack(set))
+  -- Expiry and trimming once per message (enqueue) and once per answer (its end), not per
+  -- batch of tokens: a log may hold one answer more than its bounds while the answer streams.
+  if maintain or mark == 'c' then
     redis.call('EXPIRE', KEYS[1], 604800)
-    redis.call('PEXPIRE', KEYS[2], ARGV[5])
-    local keep_from = seq - tonumber(ARGV[3])
-    while true do
-      local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-      if not oldest then break end
-      local start = tonumber(string.match(oldest[1], '^%d+'))
-      if start + tonumber(oldest[2][4]) - 1 > keep_from then break end
-      if tonumber(oldest[2][2]) > now - tonumber(ARGV[4]) then break end
-      redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', start + 1))
+    redis.call('PEXPIRE', KEYS[2], ARGV[7])
+    local keep_from = seq - tonumber(ARGV[5])
+    local young = tonumber(now) - tonumber(ARGV[6])
+    if state[5] and tonumber(state[5]) <= keep_from and tonumber(state[6]) <= young then
+      while true do
+        local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+        if not oldest then redis.call('HDEL', KEYS[1], 'low', 'lowt') break end
+        local start = tonumber(string.match(oldest[1], '^%d+'))
+        if start + tonumber(oldest[2][4]) - 1 > keep_from or tonumber(oldest[2][2]) > young then
+          redis.call('HSET', KEYS[1], 'low', start, 'lowt', oldest[2][2])
+          break
+        end
+        redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', start + 1))
+      end
     end
   end
-  redis.call('PUBLISH', KEYS[3], ARGV[6] .. ' ' .. id .. '\n' .. ARGV[first + 1])
+  redis.call('PUBLISH', KEYS[3], ARGV[8] .. ' ' .. id .. '\n' .. ARGV[first + 1])
   return seq
 end
 "#;
 
-/// The publish script: [`APPEND_LUA`] with the count and frames from ARGV[8].
+/// The publish script: [`APPEND_LUA`] with the count and frames from ARGV[10].
 pub(super) fn publish_script() -> Script {
-    Script::new(&format!("{APPEND_LUA} return append(8, false)"))
+    Script::new(&format!("{APPEND_LUA} return append(10, false)"))
 }
 
-/// The enqueue script: appends the announcement (count and frames from ARGV[10]) as [`publish_script`]
-/// does, then queues the job (ARGV[8], its chat ARGV[9]) with the chat's next job number and
+/// The enqueue script: appends the announcement (count and frames from ARGV[12]) as [`publish_script`]
+/// does, then queues the job (ARGV[10], its chat ARGV[11]) with the chat's next job number and
 /// adds that number to the chat's outstanding jobs. Extra KEYS: the chat's job counter, the job
 /// stream, the message's `queued` marker, the chat's outstanding jobs.
 pub(super) fn enqueue_script() -> Script {
     Script::new(&format!(
-        "{APPEND_LUA} local r = append(10, true) if r < 0 then return r end \
+        "{APPEND_LUA} local r = append(12, true) if r < 0 then return r end \
          local n = redis.call('INCR', KEYS[5]) redis.call('EXPIRE', KEYS[5], 604800) \
-         redis.call('XADD', KEYS[6], '*', 'job', ARGV[8], 'seq', n, 'chat', ARGV[9]) \
+         redis.call('XADD', KEYS[6], '*', 'job', ARGV[10], 'seq', n, 'chat', ARGV[11]) \
          redis.call('ZADD', KEYS[8], n, n) redis.call('EXPIRE', KEYS[8], 604800) \
          redis.call('SET', KEYS[7], 1, 'EX', 86400) return r"
     ))
@@ -131,18 +151,6 @@ pub(super) fn read_script() -> Script {
          for _, e in ipairs(redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', ARGV[2])) do \
            out[#out + 1] = string.match(e[1], '^%d+') out[#out + 1] = e[2][6] end return out",
     )
-}
-
-/// The events of a batch whose first `seq` is `first`: each frame (a line) with its `seq`.
-pub(super) fn sequence(first: u64, frames: &[u8]) -> impl Iterator<Item = Sequenced> + '_ {
-    frames
-        .split(|b| *b == b'\n')
-        .filter_map(|line| std::str::from_utf8(line).ok())
-        .zip(first..)
-        .map(|(frame, seq)| Sequenced {
-            seq,
-            frame: with_seq(frame, seq),
-        })
 }
 
 /// What a job adds to the enqueue script.
@@ -190,19 +198,12 @@ impl RedisBroker {
             stamp.push_str(trace);
         }
         let mark = batch_mark(events);
-        // Frames are JSON, which never holds a raw newline: one line each.
-        let mut frames = String::new();
-        for (i, e) in events.iter().enumerate() {
-            if i > 0 {
-                frames.push('\n');
-            }
-            frames.push_str(&e.to_frame());
-        }
+        let frames = super::batch::encode(events);
         let fence = options.fence.map(|f| {
             (
                 self.key(&format!("fence:{}", f.message_id)),
-                f.attempt,
-                f.batch,
+                format!("{}:{}", f.message_id, f.attempt),
+                f,
             )
         });
         for _ in 0..3 {
@@ -219,13 +220,12 @@ impl RedisBroker {
                     fence
                         .as_ref()
                         .map_or_else(|| self.key("nofence"), |f| f.0.clone()),
-                )
-                .arg(
-                    fence
-                        .as_ref()
-                        .map_or_else(String::new, |f| format!("{}:{}", f.1, f.2)),
-                )
-                .arg(chrono::Utc::now().timestamp_millis())
+                );
+            match &fence {
+                Some((_, holder, f)) => call.arg(holder).arg(f.batch).arg(f.attempt),
+                None => call.arg("").arg(0).arg(0),
+            };
+            call.arg(chrono::Utc::now().timestamp_millis())
                 .arg(self.log.events)
                 .arg(self.log.keep_ms)
                 .arg(self.log.idle_ms)
@@ -247,7 +247,7 @@ impl RedisBroker {
             match answer {
                 -1 => {
                     return Err(BrokerError::Fenced {
-                        attempt: fence.map_or(0, |f| f.1),
+                        attempt: fence.map_or(0, |f| f.2.attempt),
                     });
                 }
                 -2 => self.reserve(chat_id).await?,
@@ -324,7 +324,7 @@ impl ChatLog for RedisBroker {
                 .ok()
                 .and_then(|f| f.parse().ok())
                 .unwrap_or(0);
-            events.extend(sequence(first, &frames).filter(|e| e.seq > after));
+            events.extend(decode(first, &frames).into_iter().filter(|e| e.seq > after));
             if events.len() >= limit {
                 break;
             }
@@ -353,7 +353,8 @@ impl ChatLog for RedisBroker {
             if let Some(latest) = seq {
                 return Ok(Head {
                     latest,
-                    open_answer: open,
+                    // 0: the last answer closed (one field write instead of a delete).
+                    open_answer: open.filter(|o| *o > 0),
                 });
             }
             self.reserve(chat_id).await?;

@@ -33,6 +33,7 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
+mod batch;
 mod jobs;
 mod lease;
 mod log;

@@ -208,7 +208,7 @@ fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg
         return;
     };
     let _forwarding = trace.map(|t| trace::forward_first_token(chat, t).entered());
-    let events = super::log::sequence(first, frames);
+    let events = super::batch::decode(first, frames);
     b.hub.push(chat, events);
 }
 
