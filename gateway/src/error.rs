@@ -38,6 +38,11 @@ pub enum ApiError {
     /// The API key matches no tenant (401).
     #[error("Invalid API key")]
     InvalidKey,
+    /// The key a socket authenticated with was rotated, or its tenant deleted (close 1008).
+    #[error(
+        "The API key was revoked (rotated, or its tenant deleted); reconnect with a current key"
+    )]
+    KeyRevoked,
     /// The chat is absent or another tenant's (404).
     #[error("Chat with chat_id '{0}' not found or does not belong to your tenant")]
     ChatNotFound(String),
@@ -91,7 +96,8 @@ impl ApiError {
             Self::MissingKey
             | Self::MissingParam { .. }
             | Self::InvalidParam { .. }
-            | Self::InvalidKey => ErrorCode::AuthError,
+            | Self::InvalidKey
+            | Self::KeyRevoked => ErrorCode::AuthError,
             Self::ChatNotFound(_) => ErrorCode::ChatNotFound,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::ChatInUse => ErrorCode::ChatInUse,
@@ -144,6 +150,7 @@ impl ResponseError for ApiError {
             Self::MissingKey
             | Self::MissingParam { .. }
             | Self::InvalidKey
+            | Self::KeyRevoked
             | Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ChatNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::ChatInUse => StatusCode::CONFLICT,

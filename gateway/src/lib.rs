@@ -13,6 +13,7 @@ pub mod cli;
 pub mod error;
 pub mod messages;
 pub mod quota;
+pub mod revocation;
 pub mod routes;
 pub mod startup;
 pub mod state;

@@ -48,6 +48,11 @@ impl Application {
         let (metrics, metrics_port) = shared::metrics::serve(&config.metrics_bind)
             .with_context(|| format!("binding the metrics server to {}", config.metrics_bind))?;
         let state = AppState::new(store, broker, limits, Arc::new(config), tenants, shutdown);
+        let checker = state
+            .revocations
+            .clone()
+            .run(state.store.clone(), state.shutdown.token.clone());
+        state.shutdown.tracker.spawn(checker);
         let drain_secs = state.config.drain_timeout_secs;
         let workers = match state.config.http_workers {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
@@ -67,6 +72,12 @@ impl Application {
             }
         })
         .workers(workers)
+        // No lingering after a response: actix-http otherwise keeps reading a connection whose
+        // request body was left unread (every WebSocket's, once it closed) for up to a second,
+        // waiting for the client to hang up first, while a WebSocket client waits for the
+        // server to (RFC 6455 §7.1.1): each clean close took a second. The cost: a refused
+        // request whose large body is still unread may see a reset instead of its answer.
+        .client_disconnect_timeout(std::time::Duration::ZERO)
         .listen(listener)?
         .disable_signals()
         // Sockets streaming an answer close when it ends, within the drain timeout.

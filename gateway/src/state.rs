@@ -30,6 +30,8 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// Tenants' daily token quotas.
     pub quotas: Arc<crate::quota::Quotas>,
+    /// The API keys open sockets use, to close them when a key is revoked.
+    pub revocations: Arc<crate::revocation::Revocations>,
     /// Handshakes checked at once (see [`HANDSHAKES_IN_FLIGHT`]).
     pub handshakes: Arc<tokio::sync::Semaphore>,
     draining: Arc<AtomicBool>,
@@ -52,6 +54,7 @@ impl AppState {
         shutdown: Shutdown,
     ) -> Self {
         Self {
+            revocations: Arc::new(crate::revocation::Revocations::new(shutdown.token.clone())),
             store,
             broker,
             limits,

@@ -4,6 +4,7 @@ use serde::Serialize;
 use serde_json::Value;
 use shared::{
     keys,
+    protocol::text::{REFUSED_CONTROL, has_refused_control, json_has_refused_control},
     store::{Store, Tenant, TenantSettings},
 };
 use uuid::Uuid;
@@ -25,6 +26,9 @@ pub struct TenantWithKey {
 pub fn merge_settings(base: &TenantSettings, patch: &Value) -> Result<TenantSettings, ApiError> {
     if !patch.is_object() {
         return Err(ApiError::Invalid("settings must be a JSON object".into()));
+    }
+    if json_has_refused_control(patch) {
+        return Err(ApiError::Invalid(format!("settings {REFUSED_CONTROL}")));
     }
     let mut merged = serde_json::to_value(base).map_err(|e| ApiError::Invalid(e.to_string()))?;
     json_merge(&mut merged, patch);
@@ -50,6 +54,9 @@ fn validate_name(name: &str) -> Result<(), ApiError> {
     let len = name.trim().chars().count();
     if len == 0 || len > 200 {
         return Err(ApiError::Invalid("name must be 1 to 200 characters".into()));
+    }
+    if has_refused_control(name) {
+        return Err(ApiError::Invalid(format!("name {REFUSED_CONTROL}")));
     }
     Ok(())
 }

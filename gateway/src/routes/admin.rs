@@ -121,6 +121,7 @@ async fn rotate_key(
 ) -> Result<HttpResponse, ApiError> {
     let rotated = tenants::rotate_key(state.store.as_ref(), tenant_id(&id)?).await?;
     state.tenants.invalidate();
+    state.revocations.revoke_tenant(rotated.tenant.id);
     Ok(HttpResponse::Ok().json(rotated))
 }
 
@@ -128,8 +129,10 @@ async fn delete(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    tenants::delete(state.store.as_ref(), tenant_id(&id)?).await?;
+    let id = tenant_id(&id)?;
+    tenants::delete(state.store.as_ref(), id).await?;
     state.tenants.invalidate();
+    state.revocations.revoke_tenant(id);
     Ok(HttpResponse::Ok().json(json!({ "success": true, "deleted_at": Utc::now() })))
 }
 

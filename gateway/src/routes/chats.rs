@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use shared::{
+    protocol::text::{REFUSED_CONTROL, has_refused_control, map_has_refused_control},
     protocol::validate_user_id,
     store::{Chat, Message, Page, Tenant},
 };
@@ -55,6 +56,9 @@ struct ChatView {
     message_count: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<&'static str>,
+    /// Sockets open on the chat, all gateways together (get only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    open_sockets: Option<u32>,
 }
 
 impl ChatView {
@@ -70,6 +74,7 @@ impl ChatView {
             last_message_at: chat.last_message_at,
             message_count: with_count.then_some(chat.message_count),
             status: None,
+            open_sockets: None,
         }
     }
 }
@@ -168,6 +173,9 @@ async fn create_chat(
     validate_user_id(&user_id).map_err(|e| ApiError::Invalid(e.into()))?;
     let title = match body.remove("title") {
         None | Some(Value::Null) => format!("Chat {}", Utc::now().format("%Y-%m-%d %H:%M")),
+        Some(Value::String(t)) if has_refused_control(&t) => {
+            return Err(ApiError::Invalid(format!("title {REFUSED_CONTROL}")));
+        }
         Some(Value::String(t)) if t.chars().count() <= 255 => t,
         Some(Value::String(_)) => {
             return Err(ApiError::Invalid(
@@ -178,6 +186,9 @@ async fn create_chat(
     };
     let metadata = match body.remove("metadata") {
         None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) if map_has_refused_control(&m) => {
+            return Err(ApiError::Invalid(format!("metadata {REFUSED_CONTROL}")));
+        }
         Some(Value::Object(m)) => m,
         Some(_) => return Err(ApiError::Invalid("metadata must be a JSON object".into())),
     };
@@ -195,6 +206,7 @@ async fn list_user_chats(
     tenant: web::ReqData<Tenant>,
     user_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    validate_user_id(&user_id).map_err(|e| ApiError::Invalid(e.into()))?;
     let page = page(&query_map(&req), true)?;
     let (chats, total) = state
         .store
@@ -209,17 +221,20 @@ async fn list_user_chats(
     Ok(HttpResponse::Ok().json(list_body("chats", items, total, page)))
 }
 
-/// `GET /api/v1/chats/{chat_id}`: the chat with `message_count` and `status` (`active` while a
-/// WebSocket is open on it, on any gateway; `closed` otherwise).
+/// `GET /api/v1/chats/{chat_id}`: the chat with `message_count`, `status` and `open_sockets`.
+/// `status` is `active` for every chat that exists (API.md §2: the reference reads `active` for
+/// a chat just created; `closed` is kept for a later feature that closes chats); whether
+/// sockets are open is `open_sockets`, counted on every gateway.
 async fn get_chat(
     state: web::Data<AppState>,
     tenant: web::ReqData<Tenant>,
     chat_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let chat = owned_chat(&state, &tenant, &chat_id).await?;
-    let active = state.limits.chat_has_connections(chat.id).await?;
+    let open_sockets = state.limits.chat_connections(chat.id).await?;
     let mut view = ChatView::new(chat, true);
-    view.status = Some(if active { "active" } else { "closed" });
+    view.status = Some("active");
+    view.open_sockets = Some(open_sockets);
     Ok(HttpResponse::Ok().json(view))
 }
 
@@ -244,7 +259,7 @@ async fn delete_chat(
     chat_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let chat = owned_chat(&state, &tenant, &chat_id).await?;
-    if state.limits.chat_has_connections(chat.id).await? {
+    if state.limits.chat_connections(chat.id).await? > 0 {
         return Err(ApiError::ChatInUse);
     }
     if !state.store.delete_chat(tenant.id, chat.id).await? {

@@ -56,6 +56,8 @@ pub struct Accepted {
     pub last_seq: Option<u64>,
     /// The tenant connection slot, released when dropped.
     pub _lease: ConnectionLease,
+    /// Cancelled when the gateway stops or the socket's key is revoked.
+    pub watch: crate::revocation::Watch,
 }
 
 fn required(
@@ -120,5 +122,8 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
         user_created,
         last_seq,
         _lease: lease,
+        watch: state
+            .revocations
+            .watch(&shared::keys::hash(&api_key), tenant.id),
     })
 }

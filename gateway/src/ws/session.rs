@@ -246,6 +246,13 @@ impl Connection {
         Ok((events, cursor, head.latest))
     }
 
+    /// `AUTH_ERROR` for a revoked key (at once, even mid-answer), and the close to send.
+    async fn revoked(&mut self) -> CloseReason {
+        let event = ApiError::KeyRevoked.to_event();
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.session.text(event.to_frame())).await;
+        close(CloseCode::Policy, ErrorCode::AuthError.as_str())
+    }
+
     /// `SLOW_CONSUMER`, if the client still takes it, and the close to send.
     async fn slow_consumer(&mut self) -> CloseReason {
         let slow = ServerEvent::error(
@@ -293,7 +300,8 @@ impl Connection {
         let period = Duration::from_secs(limits.heartbeat_interval_secs.max(1));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut last_seen = Instant::now();
-        let stop = self.state.shutdown.token.clone();
+        // Cancelled on shutdown, and when the socket's key is revoked.
+        let stop = self.accepted.watch.token().clone();
         let mut answer = AnswerState::default();
         // Set once the gateway stops: the socket then lives until its answer ends, or this.
         // Boxed: an idle socket's task then carries a pointer, not a timer.
@@ -303,6 +311,9 @@ impl Connection {
             let draining = drain_timer.is_some();
             let flow = tokio::select! {
                 () = stop.cancelled(), if drain_timer.is_none() => {
+                    if !self.state.shutdown.token.is_cancelled() {
+                        return Some(Box::pin(self.revoked()).await);
+                    }
                     if !answer.streaming {
                         return Some(restart());
                     }

@@ -422,3 +422,18 @@ pub fn tokens_of(events: &[Value]) -> String {
         .map(|e| e["token"].as_str().expect("token"))
         .collect()
 }
+
+/// A response's JSON body.
+pub async fn body(res: reqwest::Response) -> Value {
+    res.json().await.expect("json body")
+}
+
+/// An error body of API.md's shape with this code.
+pub fn assert_error(v: &Value, code: &str) {
+    assert_eq!(v["error_code"], code, "{v}");
+    assert!(
+        v["error_message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    assert!(v["details"]["fix"].is_string(), "{v}");
+}

@@ -7,6 +7,7 @@ mod cluster;
 mod delivery;
 mod faults;
 mod helpers;
+mod hostile;
 mod models;
 mod ops;
 mod otlp;

@@ -4,19 +4,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-async fn body(res: reqwest::Response) -> Value {
-    res.json().await.expect("json body")
-}
-
-fn assert_error(v: &Value, code: &str) {
-    assert_eq!(v["error_code"], code, "{v}");
-    assert!(
-        v["error_message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{v}"
-    );
-    assert!(v["details"]["fix"].is_string(), "{v}");
-}
-
 #[tokio::test]
 async fn create_chat_returns_the_documented_object_with_and_without_slash() -> TestResult {
     let app = spawn_app().await;
@@ -134,7 +121,11 @@ async fn get_chat_adds_count_and_status_and_hides_other_tenants() -> TestResult 
     )
     .await;
     assert_eq!(v["message_count"], 0);
-    assert_eq!(v["status"], "closed");
+    // API.md §2: every chat that exists is "active"; whether sockets are open is open_sockets.
+    assert_eq!(
+        (v["status"].as_str(), v["open_sockets"].as_u64()),
+        (Some("active"), Some(0))
+    );
 
     for (key, chat) in [(&app.api_key, &theirs), (&other, &mine)] {
         for path in [
@@ -254,8 +245,12 @@ async fn delete_removes_chat_and_messages_and_refuses_while_a_socket_is_open() -
     assert_error(&body(res).await, "CHAT_IN_USE");
     let v = body(app.get(&app.api_key, &format!("/api/v1/chats/{id}")).await).await;
     assert_eq!(
-        (v["status"].as_str(), v["message_count"].as_i64()),
-        (Some("active"), Some(2))
+        (
+            v["status"].as_str(),
+            v["message_count"].as_i64(),
+            v["open_sockets"].as_u64()
+        ),
+        (Some("active"), Some(2), Some(1))
     );
 
     ws.inner.close(None).await?;

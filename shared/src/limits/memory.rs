@@ -84,8 +84,8 @@ impl Limits for MemoryLimits {
         Ok(self.counters.tenants.get(&tenant_id).map_or(0, |n| *n))
     }
 
-    async fn chat_has_connections(&self, chat_id: Uuid) -> Result<bool, LimitsError> {
-        Ok(self.counters.chats.get(&chat_id).is_some_and(|n| *n > 0))
+    async fn chat_connections(&self, chat_id: Uuid) -> Result<u32, LimitsError> {
+        Ok(self.counters.chats.get(&chat_id).map_or(0, |n| *n))
     }
 
     async fn hit(
@@ -132,10 +132,10 @@ mod tests {
         let b = limits.acquire_connection(tenant, chat, 2).await?;
         assert!(a.is_some() && b.is_some());
         assert!(limits.acquire_connection(tenant, chat, 2).await?.is_none());
-        assert!(limits.chat_has_connections(chat).await?);
+        assert_eq!(limits.chat_connections(chat).await?, 2);
         drop((a, b));
         assert_eq!(limits.tenant_connections(tenant).await?, 0);
-        assert!(!limits.chat_has_connections(chat).await?);
+        assert_eq!(limits.chat_connections(chat).await?, 0);
         Ok(())
     }
 

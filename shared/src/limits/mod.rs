@@ -57,8 +57,8 @@ pub trait Limits: Send + Sync + 'static {
     ) -> Result<Option<ConnectionLease>, LimitsError>;
     /// Sockets the tenant holds now.
     async fn tenant_connections(&self, tenant_id: Uuid) -> Result<u32, LimitsError>;
-    /// Whether any socket is open on the chat.
-    async fn chat_has_connections(&self, chat_id: Uuid) -> Result<bool, LimitsError>;
+    /// Sockets open on the chat (all gateways together).
+    async fn chat_connections(&self, chat_id: Uuid) -> Result<u32, LimitsError>;
     /// Counts one request against `key`'s fixed window of `window` allowing `limit` requests.
     async fn hit(
         &self,

@@ -213,8 +213,8 @@ impl Limits for RedisLimits {
         self.live_count(self.tenant_key(tenant_id)).await
     }
 
-    async fn chat_has_connections(&self, chat_id: Uuid) -> Result<bool, LimitsError> {
-        Ok(self.live_count(self.chat_key(chat_id)).await? > 0)
+    async fn chat_connections(&self, chat_id: Uuid) -> Result<u32, LimitsError> {
+        self.live_count(self.chat_key(chat_id)).await
     }
 
     async fn hit(

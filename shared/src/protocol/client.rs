@@ -62,6 +62,11 @@ pub fn parse_client_frame(text: &str, max_content_bytes: usize) -> Result<Client
         Some(_) => return Err(FrameError::Invalid("Message content must be a string")),
         None => return Err(FrameError::Invalid("Message content is required")),
     };
+    if super::text::has_refused_control(&content) {
+        return Err(FrameError::Invalid(
+            "Message content must not contain control characters other than tab, newline and carriage return",
+        ));
+    }
     if content.len() > max_content_bytes {
         return Err(FrameError::TooLarge {
             size: content.len(),
@@ -70,6 +75,11 @@ pub fn parse_client_frame(text: &str, max_content_bytes: usize) -> Result<Client
     }
     let metadata = match obj.remove("metadata") {
         None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) if super::text::map_has_refused_control(&m) => {
+            return Err(FrameError::Invalid(
+                "Message metadata must not contain control characters other than tab, newline and carriage return",
+            ));
+        }
         Some(Value::Object(m)) => m,
         Some(_) => {
             return Err(FrameError::Invalid(
@@ -138,6 +148,11 @@ mod tests {
             r#"{"content":5}"#,
             r#"{"content":"x","metadata":[]}"#,
             r#"{"content":"x","client_message_id":""}"#,
+            r#"{"content":"a\u0000b"}"#,
+            r#"{"content":"\u001b[31m"}"#,
+            r#"{"content":"x","metadata":{"k":"\u0000"}}"#,
+            r#"{"content":"x","metadata":{"\u0000":1}}"#,
+            r#"{"content":"x","metadata":{"k":[{"d":"\u0007"}]}}"#,
             r#"{"content":"x","client_message_id":7}"#,
         ] {
             assert!(
