@@ -41,14 +41,7 @@ async fn tenants_can_be_created_listed_changed_rotated_and_deleted() -> TestResu
     assert_eq!(created["settings"]["messages_per_second"], 10);
     assert!(created["created_at"].is_string());
 
-    let list: Value = app
-        .http
-        .get(app.url("/admin/v1/tenants"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let list = app.admin_tenants().await;
     let names: Vec<&str> = list["tenants"]
         .as_array()
         .unwrap()

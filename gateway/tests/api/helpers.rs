@@ -264,6 +264,19 @@ impl TestApp {
         res.json().await.expect("json")
     }
 
+    /// `GET /admin/v1/tenants` → the JSON body.
+    pub async fn admin_tenants(&self) -> Value {
+        let res = self
+            .http
+            .get(self.url("/admin/v1/tenants"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status(), 200);
+        res.json().await.expect("json")
+    }
+
     /// A tenant with these settings; returns its API key.
     pub async fn tenant_with(&self, settings: Value) -> String {
         let t = self

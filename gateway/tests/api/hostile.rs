@@ -86,14 +86,7 @@ async fn control_characters_in_rest_and_admin_input_are_400_and_save_nothing() -
     }
     let res = app.get(&app.api_key, "/api/v1/chats/user/u1").await;
     assert_eq!(res.status(), 404, "no chat was created");
-    let tenants: Value = app
-        .http
-        .get(app.url("/admin/v1/tenants"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let tenants = app.admin_tenants().await;
     let names: Vec<&str> = tenants["tenants"]
         .as_array()
         .map(|a| a.iter().filter_map(|t| t["name"].as_str()).collect())
