@@ -32,6 +32,19 @@ pub fn limiter(per_second: u32) -> MessageLimiter {
     RateLimiter::direct(Quota::per_second(per_second))
 }
 
+/// Counts one client frame against the connection's rate. Every text frame counts (messages,
+/// pings, cancels, frames refused as invalid), so that no kind of frame can be sent without
+/// bound; WebSocket control frames do not.
+pub fn count_frame(limiter: &MessageLimiter, per_second: u32) -> Result<(), ApiError> {
+    limiter.check().map_err(|not_until| {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        ApiError::TooManyMessages {
+            per_second,
+            retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+        }
+    })
+}
+
 /// Who sends a message, and the limits that apply to their connection.
 pub struct Sender<'a> {
     /// The tenant.
@@ -72,13 +85,7 @@ pub async fn accept(
     sender: &Sender<'_>,
     message: NewMessage,
 ) -> Result<Outcome, ApiError> {
-    if let Err(not_until) = sender.limiter.check() {
-        let wait = not_until.wait_time_from(DefaultClock::default().now());
-        return Err(ApiError::TooManyMessages {
-            per_second: sender.per_second,
-            retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
-        });
-    }
+    count_frame(sender.limiter, sender.per_second)?;
     check_quota(state, sender.tenant_id).await?;
     let span = tracing::debug_span!(
         target: trace::TARGET,

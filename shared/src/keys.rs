@@ -18,6 +18,14 @@ pub fn generate() -> String {
     format!("{PREFIX}{}", hex::encode(bytes))
 }
 
+/// Whether `key` has the shape of a Parley key (`pk_` + 64 lowercase hex characters). Anything
+/// else is refused before any lookup, so that made-up keys cost no store query.
+pub fn looks_like_key(key: &str) -> bool {
+    key.strip_prefix(PREFIX).is_some_and(|rest| {
+        rest.len() == 64 && rest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// The hex SHA-256 of a key, as stored.
 pub fn hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
@@ -31,6 +39,21 @@ pub fn hashes_equal(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_shape_of_a_generated_key_looks_like_a_key() {
+        assert!(looks_like_key(&generate()));
+        for bad in [
+            "",
+            "pk_",
+            "nope",
+            "pk_abc",
+            &generate().to_uppercase(),
+            &format!("{}0", generate()),
+        ] {
+            assert!(!looks_like_key(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn keys_are_unique_and_hash_stably() {

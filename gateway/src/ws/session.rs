@@ -344,7 +344,7 @@ impl Connection {
                     match msg {
                         None => return None,
                         // Boxed: an idle socket's task then carries none of the message path's state.
-                        Some(msg) => match Box::pin(self.on_frame(msg)).await {
+                        Some(msg) => match Box::pin(self.on_frame(msg, answer.streaming)).await {
                             Ok(flow) => flow,
                             Err(reason) => return reason,
                         },
@@ -396,10 +396,11 @@ impl Connection {
     async fn on_frame(
         &mut self,
         msg: Result<AggregatedMessage, ProtocolError>,
+        streaming: bool,
     ) -> Result<ControlFlow<()>, Option<CloseReason>> {
         let invalid = |m: &str| ServerEvent::error(ErrorCode::InvalidMessage, m);
         Ok(match msg {
-            Ok(AggregatedMessage::Text(text)) => self.on_text(&text).await,
+            Ok(AggregatedMessage::Text(text)) => self.on_text(&text, streaming).await,
             Ok(AggregatedMessage::Binary(_)) => {
                 self.send(invalid(
                     "Binary frames are not supported; send JSON text frames",
@@ -433,8 +434,18 @@ impl Connection {
         })
     }
 
-    async fn on_text(&mut self, text: &str) -> ControlFlow<()> {
-        match parse_client_frame(text, self.state.config.limits.max_content_bytes) {
+    /// Handles a text frame; `streaming` tells whether an answer is streaming to this socket.
+    async fn on_text(&mut self, text: &str, streaming: bool) -> ControlFlow<()> {
+        let frame = parse_client_frame(text, self.state.config.limits.max_content_bytes);
+        // A message is counted by `messages::accept`, every other frame here.
+        if !matches!(frame, Ok(ClientFrame::Message { .. }))
+            && let Err(e) = messages::count_frame(&self.limiter, self.accepted.messages_per_second)
+        {
+            return self.send(e.to_event()).await;
+        }
+        match frame {
+            // Nothing to stop: a cancel goes out to the workers only while an answer streams.
+            Ok(ClientFrame::Cancel) if !streaming => ControlFlow::Continue(()),
             Ok(ClientFrame::Ping) => {
                 self.send(ServerEvent::Pong {
                     timestamp: Utc::now(),

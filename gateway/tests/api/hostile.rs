@@ -14,8 +14,10 @@ const BAD: [&str; 3] = ["a\u{0}b", "bell\u{7}", "\u{1b}[31mred"];
 async fn control_characters_in_a_socket_message_are_invalid_and_the_socket_keeps_working()
 -> TestResult {
     let app = spawn_app().await;
-    let chat = app.chat("u1").await;
-    let mut ws = app.ws(&app.api_key, "u1", &chat).await;
+    // Every frame counts against the rate, refused ones too: room for the dozen sent here.
+    let key = app.tenant_with(json!({"messages_per_second": 1000})).await;
+    let chat = app.chat_as(&key, "u1").await;
+    let mut ws = app.ws(&key, "u1", &chat).await;
     ws.until("connection_established").await;
     for bad in BAD {
         for frame in [
@@ -38,7 +40,7 @@ async fn control_characters_in_a_socket_message_are_invalid_and_the_socket_keeps
     assert_eq!(events[0]["event_type"], "message_received");
     assert_eq!(events[0]["content"], "two\tcolumns\r\nand lines");
     let v = body(
-        app.get(&app.api_key, &format!("/api/v1/chats/{chat}/messages"))
+        app.get(&key, &format!("/api/v1/chats/{chat}/messages"))
             .await,
     )
     .await;
@@ -182,5 +184,41 @@ async fn rotating_a_key_or_deleting_its_tenant_closes_its_sockets_on_every_gatew
     bystander.send_json(json!({"type": "ping"})).await;
     assert_eq!(bystander.next().await["event_type"], "pong");
     b.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn pings_and_cancels_count_against_the_connection_rate() -> TestResult {
+    let app = spawn_app().await;
+    let key = app.tenant_with(json!({"messages_per_second": 2})).await;
+    let chat = app.chat_as(&key, "u1").await;
+    let mut ws = app.ws(&key, "u1", &chat).await;
+    ws.until("connection_established").await;
+    for frame in [json!({"type": "ping"}), json!({"type": "cancel"})] {
+        for _ in 0..6 {
+            ws.send_json(frame.clone()).await;
+        }
+        // Pings answer with pong, cancels (no answer streaming) with nothing; over the rate,
+        // both with RATE_LIMITED.
+        let mut limited = 0;
+        while limited == 0 {
+            let e = ws.next().await;
+            if e["error_code"] == "RATE_LIMITED" {
+                assert!(e["details"]["retry_after_ms"].as_u64().is_some(), "{e}");
+                limited += 1;
+            } else {
+                assert_eq!(e["event_type"], "pong", "{e}");
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        ws.send_json(json!({"type": "ping"})).await;
+        loop {
+            let e = ws.next().await;
+            if e["event_type"] == "pong" {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    }
     Ok(())
 }
