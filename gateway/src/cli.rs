@@ -81,7 +81,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Serve => serve(config).await,
         Command::Migrate => {
             store::connect(&config.database_url).await?;
-            println!("migrations applied to {}", config.database_url);
+            println!(
+                "migrations applied to {}",
+                shared::config::redact_url(&config.database_url)
+            );
             Ok(())
         }
         Command::Tenant(cmd) => {

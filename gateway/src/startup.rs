@@ -28,7 +28,10 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let store = store::connect(&config.database_url)
             .await
-            .with_context(|| format!("opening the store at {}", config.database_url))?;
+            .with_context(|| {
+                let url = shared::config::redact_url(&config.database_url);
+                format!("opening the store at {url}")
+            })?;
         if config.bootstrap_tenant {
             bootstrap_tenant(store.as_ref()).await?;
         }

@@ -32,7 +32,12 @@ pub fn merge_settings(base: &TenantSettings, patch: &Value) -> Result<TenantSett
     }
     let mut merged = serde_json::to_value(base).map_err(|e| ApiError::Invalid(e.to_string()))?;
     json_merge(&mut merged, patch);
-    serde_json::from_value(merged).map_err(|e| ApiError::Invalid(format!("invalid settings: {e}")))
+    let settings: TenantSettings = serde_json::from_value(merged)
+        .map_err(|e| ApiError::Invalid(format!("invalid settings: {e}")))?;
+    settings
+        .check()
+        .map_err(|e| ApiError::Invalid(format!("invalid settings: {e}")))?;
+    Ok(settings)
 }
 
 fn json_merge(target: &mut Value, patch: &Value) {

@@ -207,3 +207,41 @@ impl Config {
             .map_err(|e| ConfigError(Box::new(e)))
     }
 }
+
+/// A URL fit for logs, errors and command output: its password (if any) replaced by `***`
+/// (database and Redis URLs carry credentials). A URL that does not parse loses everything
+/// between `://` and its last `@`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            if parsed.set_password(Some("***")).is_ok() {
+                parsed.to_string()
+            } else {
+                String::from("<url with credentials>")
+            }
+        }
+        Ok(_) => raw.to_owned(),
+        Err(_) => match (raw.find("://"), raw.rfind('@')) {
+            (Some(start), Some(at)) if at > start => {
+                format!("{}***{}", &raw[..start + 3], &raw[at..])
+            }
+            _ => raw.to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_survive_redaction() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/parley"),
+            "postgres://app:***@db:5432/parley"
+        );
+        assert_eq!(redact_url("redis://:pw@r:6379"), "redis://:***@r:6379");
+        assert_eq!(redact_url("sqlite://parley.db"), "sqlite://parley.db");
+        assert!(!redact_url("postgres://a:b c@[bad/x").contains("b c"));
+    }
+}

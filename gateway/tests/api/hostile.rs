@@ -222,3 +222,59 @@ async fn pings_and_cancels_count_against_the_connection_rate() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn settings_outside_their_documented_ranges_are_400() -> TestResult {
+    let app = spawn_app().await;
+    let long = "x".repeat(40_000);
+    for settings in [
+        json!({"max_connections": 2_000_000}),
+        json!({"messages_per_second": 0}),
+        json!({"requests_per_minute": 0}),
+        json!({"agent": {"history_messages": 5_000}}),
+        json!({"agent": {"system_prompt": long}}),
+        json!({"agent": {"temperature": 3.5}}),
+        json!({"agent": {"max_tokens": 0}}),
+        json!({"agent": {"model": ""}}),
+        json!({"agent": {"options": {"blob": long}}}),
+    ] {
+        let res = app
+            .http
+            .post(app.url("/admin/v1/tenants"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "bounded", "settings": settings}))
+            .send()
+            .await?;
+        assert_eq!(res.status(), 400, "{settings}");
+        let v: Value = res.json().await?;
+        assert_error(&v, "INVALID_REQUEST");
+        assert!(
+            v["error_message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("between"),
+            "{v}"
+        );
+    }
+    // The edges are allowed.
+    let ok = json!({"max_connections": 1_000_000, "agent": {"history_messages": 1_000, "temperature": 2.0}});
+    app.tenant_with(ok).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_database_password_never_appears_in_a_start_up_error() {
+    let config = shared::config::Config {
+        bind: "127.0.0.1:0".into(),
+        metrics_bind: "127.0.0.1:0".into(),
+        database_url: "postgres://postgres:s3cret-pw@127.0.0.1:5432/parley_no_such_database".into(),
+        bootstrap_tenant: false,
+        ..shared::config::Config::default()
+    };
+    let Err(err) = gateway::Application::build(config).await else {
+        panic!("a missing database must fail the start");
+    };
+    let shown = format!("{err:#} {err:?}");
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+    assert!(shown.contains("postgres://postgres:***@"), "{shown}");
+}

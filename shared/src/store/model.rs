@@ -55,6 +55,56 @@ pub struct AgentSettings {
     pub options: Map<String, Value>,
 }
 
+/// A setting outside its documented range, named with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingOutOfRange(pub String);
+
+fn within<T: PartialOrd + std::fmt::Display>(
+    name: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), SettingOutOfRange> {
+    if value < min || value > max {
+        return Err(SettingOutOfRange(format!(
+            "{name} must be between {min} and {max} (got {value})"
+        )));
+    }
+    Ok(())
+}
+
+impl TenantSettings {
+    /// Checks every setting against its documented range (README, "Configuration"): what an
+    /// operator may set without one tenant's settings costing the others (a history read of a
+    /// million messages, a system prompt of megabytes sent with every answer).
+    pub fn check(&self) -> Result<(), SettingOutOfRange> {
+        within("max_connections", self.max_connections, 0, 1_000_000)?;
+        within("messages_per_second", self.messages_per_second, 1, 10_000)?;
+        within(
+            "requests_per_minute",
+            self.requests_per_minute,
+            1,
+            1_000_000,
+        )?;
+        let agent = &self.agent;
+        within("agent.history_messages", agent.history_messages, 0, 1_000)?;
+        within("agent.provider length", agent.provider.len(), 1, 64)?;
+        within("agent.model length", agent.model.len(), 1, 200)?;
+        if let Some(prompt) = &agent.system_prompt {
+            within("agent.system_prompt bytes", prompt.len(), 0, 32_768)?;
+        }
+        if let Some(t) = agent.temperature {
+            within("agent.temperature", t, 0.0, 2.0)?;
+        }
+        if let Some(m) = agent.max_tokens {
+            within("agent.max_tokens", m, 1, 1_000_000)?;
+        }
+        let options = serde_json::to_string(&agent.options).map_or(0, |o| o.len());
+        within("agent.options bytes", options, 0, 16_384)
+    }
+}
+
 impl Default for AgentSettings {
     fn default() -> Self {
         Self {
