@@ -29,7 +29,7 @@ pub struct Revocations {
 }
 
 /// One key in use: its tenant, the token its sockets watch, how many there are.
-pub struct Key {
+struct Key {
     tenant_id: Uuid,
     token: CancellationToken,
     sockets: AtomicUsize,

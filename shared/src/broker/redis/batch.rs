@@ -16,7 +16,7 @@
 //! without waiting).
 
 use crate::broker::Sequenced;
-use crate::protocol::{ServerEvent, sequenced_frame};
+use crate::protocol::{ServerEvent, sequenced_frame, with_seq};
 
 /// The batch's lines, joined by newlines (JSON never holds a raw newline).
 pub(super) fn encode(events: &[ServerEvent]) -> String {
@@ -78,7 +78,7 @@ pub(super) fn decode(first: u64, batch: &[u8]) -> Vec<Sequenced> {
                 continue;
             }
             Some(b't') => sequenced_frame(&[template, &line[1..]], seq),
-            _ => sequenced_frame(&[line.strip_suffix('}').unwrap_or(line)], seq),
+            _ => with_seq(line, seq),
         };
         events.push(Sequenced { seq, frame });
         seq += 1;
@@ -89,7 +89,7 @@ pub(super) fn decode(first: u64, batch: &[u8]) -> Vec<Sequenced> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{ErrorCode, with_seq};
+    use crate::protocol::ErrorCode;
     use serde_json::Value;
     use uuid::Uuid;
 
