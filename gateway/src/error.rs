@@ -6,7 +6,7 @@ use serde_json::json;
 use shared::{
     broker::BrokerError,
     limits::LimitsError,
-    protocol::{ErrorCode, ErrorDetails, ServerEvent},
+    protocol::{ErrorCode, ErrorDetails, FrameError, ServerEvent},
     store::StoreError,
 };
 
@@ -83,9 +83,47 @@ pub enum ApiError {
     /// Missing or wrong admin token (401).
     #[error("Invalid or missing admin token")]
     Unauthorized,
-    /// A dependency is down (503).
+    /// Another tenant already has this name (409).
+    #[error("A tenant named '{0}' already exists; tenant names are unique")]
+    NameTaken(String),
+    /// A client frame that is not a valid frame (`INVALID_MESSAGE`; the socket stays open).
+    #[error("{0}")]
+    InvalidFrame(String),
+    /// A message or frame over the configured size (`MESSAGE_TOO_LARGE`).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The socket fell too far behind its chat's events (closed).
+    #[error("The connection fell too far behind the chat's events; resume with last_seq")]
+    SlowConsumer,
+    /// A dependency is down (503). The cause is logged, never sent.
     #[error("Service temporarily unavailable")]
-    Unavailable(String),
+    Unavailable(#[source] Dependency),
+}
+
+/// What made a request fail with `SERVICE_UNAVAILABLE`, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum Dependency {
+    /// The store.
+    #[error(transparent)]
+    Store(StoreError),
+    /// The broker.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The limits.
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+    /// This gateway (draining, or set up without what the route needs).
+    #[error("{0}")]
+    Gateway(&'static str),
+}
+
+impl From<FrameError> for ApiError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Invalid(m) => Self::InvalidFrame(m.to_owned()),
+            e @ FrameError::TooLarge { .. } => Self::TooLarge(e.to_string()),
+        }
+    }
 }
 
 impl ApiError {
@@ -106,6 +144,10 @@ impl ApiError {
             Self::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
             Self::ResumeUnavailable { .. } => ErrorCode::ResumeUnavailable,
             Self::Unauthorized => ErrorCode::Unauthorized,
+            Self::NameTaken(_) => ErrorCode::NameTaken,
+            Self::InvalidFrame(_) => ErrorCode::InvalidMessage,
+            Self::TooLarge(_) => ErrorCode::MessageTooLarge,
+            Self::SlowConsumer => ErrorCode::SlowConsumer,
             Self::Unavailable(_) => ErrorCode::ServiceUnavailable,
         }
     }
@@ -139,21 +181,33 @@ impl ApiError {
 
     /// The WebSocket `error` event for this failure.
     pub fn to_event(&self) -> ServerEvent {
+        self.log_cause();
         ServerEvent::error_with(self.code(), self.to_string(), self.details())
+    }
+
+    /// Logs what a client is not told: the cause of a `SERVICE_UNAVAILABLE`.
+    fn log_cause(&self) {
+        if let Self::Unavailable(cause) = self {
+            tracing::error!(cause = %Chain(cause), "dependency unavailable");
+        }
     }
 }
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::Invalid(_) | Self::InvalidParam { .. } => StatusCode::BAD_REQUEST,
+            Self::Invalid(_) | Self::InvalidParam { .. } | Self::InvalidFrame(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::SlowConsumer => StatusCode::CONFLICT,
             Self::MissingKey
             | Self::MissingParam { .. }
             | Self::InvalidKey
             | Self::KeyRevoked
             | Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ChatNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::ChatInUse => StatusCode::CONFLICT,
+            Self::ChatInUse | Self::NameTaken(_) => StatusCode::CONFLICT,
             Self::ConnectionLimit(_) | Self::RateLimited { .. } | Self::TooManyMessages { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -164,9 +218,7 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        if let Self::Unavailable(cause) = self {
-            tracing::error!(%cause, "dependency unavailable");
-        }
+        self.log_cause();
         let mut res = HttpResponse::build(self.status_code());
         if let Self::RateLimited {
             retry_after_secs, ..
@@ -184,18 +236,42 @@ impl ResponseError for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self::Unavailable(e.to_string())
+        match e {
+            StoreError::NameTaken(name) => Self::NameTaken(name),
+            e => Self::Unavailable(Dependency::Store(e)),
+        }
     }
 }
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
-        Self::Unavailable(e.to_string())
+        Self::Unavailable(e.into())
     }
 }
 
 impl From<LimitsError> for ApiError {
     fn from(e: LimitsError) -> Self {
-        Self::Unavailable(e.to_string())
+        Self::Unavailable(e.into())
+    }
+}
+
+/// An error with its causes, `outer: inner: innermost`, for log lines.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            // Many errors repeat their cause's message in their own; say it once.
+            let message = e.to_string();
+            if !last.ends_with(&message) {
+                write!(f, ": {message}")?;
+            }
+            last = message;
+            cause = e.source();
+        }
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@ use shared::{
     store::{self, Store, TenantCache},
 };
 
-use crate::{routes, state::AppState, tenants};
+use crate::{error::ApiError, routes, state::AppState, tenants};
 
 /// A bound, not yet running, gateway (with its in-process worker in the embedded mode).
 pub struct Application {
@@ -180,11 +180,19 @@ async fn requeue_unanswered(store: &dyn Store, broker: &dyn Broker) -> anyhow::R
 }
 
 /// Creates a `default` tenant when the store has none, and prints its key once.
+///
+/// Gateways that start together on an empty database all see no tenant; tenant names are
+/// unique, so exactly one of them creates `default` and prints its key, and the others find
+/// the name taken and print nothing.
 async fn bootstrap_tenant(store: &dyn Store) -> anyhow::Result<()> {
     if !store.list_tenants().await?.is_empty() {
         return Ok(());
     }
-    let created = tenants::create(store, "default", None).await?;
+    let created = match tenants::create(store, "default", None).await {
+        Ok(created) => created,
+        Err(ApiError::NameTaken(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     println!(
         "\nCreated tenant 'default' ({}). Its API key is shown only this once:\n\n    {}\n\n\
          More tenants: `gateway tenant create --name NAME`.\n",

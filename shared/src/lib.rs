@@ -23,3 +23,7 @@ pub mod redis_conn;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+
+/// The cause of a failure of a dependency (Redis, a lock), kept as the `#[source]` of the error
+/// that reports it, so that the one place mapping errors to responses can log the whole chain.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;

@@ -52,6 +52,9 @@ pub async fn prepare(args: &Args) -> anyhow::Result<Target> {
 }
 
 /// Creates a tenant through the admin API; returns its key.
+///
+/// Tenant names are unique, and a run may meet the tenants of earlier runs on the same database,
+/// so the name gets the time and the process id (`loadgen-1764669600123-4242`).
 pub async fn create_tenant(
     http: &reqwest::Client,
     url: &str,
@@ -59,6 +62,10 @@ pub async fn create_tenant(
     name: &str,
     settings: Value,
 ) -> anyhow::Result<String> {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let name = format!("{name}-{millis}-{}", std::process::id());
     let res = http
         .post(format!("{url}/admin/v1/tenants"))
         .bearer_auth(admin_token)

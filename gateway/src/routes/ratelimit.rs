@@ -17,7 +17,10 @@ use actix_web::{
 };
 use shared::limits::RateDecision;
 
-use crate::{error::ApiError, state::AppState};
+use crate::{
+    error::{ApiError, Dependency},
+    state::AppState,
+};
 
 const WINDOW: Duration = Duration::from_secs(60);
 
@@ -27,7 +30,7 @@ pub async fn tenant_gate(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, Error> {
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
-        return Err(ApiError::Unavailable("application state missing".into()).into());
+        return Err(ApiError::Unavailable(Dependency::Gateway("application state missing")).into());
     };
     let key = req
         .headers()

@@ -4,7 +4,11 @@ use actix_web::HttpRequest;
 use shared::{limits::ConnectionLease, protocol::validate_user_id};
 use uuid::Uuid;
 
-use crate::{error::ApiError, routes::query_map, state::AppState};
+use crate::{
+    error::{ApiError, Dependency},
+    routes::query_map,
+    state::AppState,
+};
 
 /// The three handshake parameters, each from the query string or its header.
 #[derive(Debug, Clone, Default)]
@@ -73,7 +77,9 @@ fn required(
 /// Runs every check of API.md §4 in order: parameters, key, chat, connection limit, user.
 pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepted, ApiError> {
     if state.is_draining() {
-        return Err(ApiError::Unavailable("gateway is draining".into()));
+        return Err(ApiError::Unavailable(Dependency::Gateway(
+            "gateway is draining",
+        )));
     }
     let api_key = required(params.api_key, "api_key", "X-API-Key")?;
     let user_id = required(params.user_id, "user_id", "X-User-ID")?;

@@ -21,7 +21,7 @@ use actix_ws::{
 };
 use chrono::Utc;
 use shared::protocol::{
-    ClientFrame, ErrorCode, Frame, FrameError, ServerEvent, frame_event_type, parse_client_frame,
+    ClientFrame, ErrorCode, Frame, ServerEvent, frame_event_type, parse_client_frame,
 };
 
 use super::cursor::{self, ChatCursor, CursorEnd, Step};
@@ -255,10 +255,7 @@ impl Connection {
 
     /// `SLOW_CONSUMER`, if the client still takes it, and the close to send.
     async fn slow_consumer(&mut self) -> CloseReason {
-        let slow = ServerEvent::error(
-            ErrorCode::SlowConsumer,
-            "The connection fell too far behind the chat's events; resume with last_seq",
-        );
+        let slow = ApiError::SlowConsumer.to_event();
         let _ = tokio::time::timeout(
             Duration::from_millis(100),
             self.session.text(slow.to_frame()),
@@ -398,7 +395,7 @@ impl Connection {
         msg: Result<AggregatedMessage, ProtocolError>,
         streaming: bool,
     ) -> Result<ControlFlow<()>, Option<CloseReason>> {
-        let invalid = |m: &str| ServerEvent::error(ErrorCode::InvalidMessage, m);
+        let invalid = |m: &str| ApiError::InvalidFrame(m.to_owned()).to_event();
         Ok(match msg {
             Ok(AggregatedMessage::Text(text)) => self.on_text(&text, streaming).await,
             Ok(AggregatedMessage::Binary(_)) => {
@@ -418,10 +415,9 @@ impl Connection {
             }
             Err(ProtocolError::Overflow) => {
                 let max = self.state.config.limits.max_frame_bytes;
-                let message = format!("Frame larger than {max} bytes refused");
-                let _ = self
-                    .send(ServerEvent::error(ErrorCode::MessageTooLarge, message))
-                    .await;
+                let too_large =
+                    ApiError::TooLarge(format!("Frame larger than {max} bytes refused"));
+                let _ = self.send(too_large.to_event()).await;
                 return Err(Some(close(CloseCode::Size, "frame too large")));
             }
             Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -482,17 +478,7 @@ impl Connection {
                     Err(e) => self.send(e.to_event()).await,
                 }
             }
-            Err(e @ FrameError::Invalid(_)) => {
-                self.send(ServerEvent::error(ErrorCode::InvalidMessage, e.to_string()))
-                    .await
-            }
-            Err(e @ FrameError::TooLarge { .. }) => {
-                self.send(ServerEvent::error(
-                    ErrorCode::MessageTooLarge,
-                    e.to_string(),
-                ))
-                .await
-            }
+            Err(e) => self.send(ApiError::from(e).to_event()).await,
         }
     }
 }

@@ -164,3 +164,56 @@ async fn the_cli_creates_a_tenant_the_server_accepts() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn tenant_names_are_unique_on_the_admin_api_and_the_cli() -> TestResult {
+    let app = spawn_app().await;
+    app.create_tenant(json!({"name": "acme"})).await;
+    let other = app.create_tenant(json!({"name": "other"})).await;
+    let res = app
+        .http
+        .post(app.url("/admin/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": " acme "}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 409);
+    let v = body(res).await;
+    assert_error(&v, "NAME_TAKEN");
+    assert!(v["error_message"].as_str().unwrap().contains("acme"), "{v}");
+    let rename = app
+        .http
+        .patch(app.url(&format!(
+            "/admin/v1/tenants/{}",
+            other["id"].as_str().unwrap()
+        )))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "acme"}))
+        .send()
+        .await?;
+    assert_eq!(rename.status(), 409);
+    assert_error(&body(rename).await, "NAME_TAKEN");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["tenant", "create", "--name", "acme"])
+        .env("PARLEY_DATABASE_URL", &app.db_url)
+        .env("PARLEY_LOG", "error")
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("A tenant named 'acme' already exists"),
+        "{stderr}"
+    );
+
+    // Nothing changed: one acme, and `other` kept its name.
+    let names: Vec<String> = app.admin_tenants().await["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names.iter().filter(|n| *n == "acme").count(), 1);
+    assert!(names.contains(&"other".to_owned()));
+    Ok(())
+}

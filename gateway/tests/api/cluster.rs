@@ -20,6 +20,8 @@ use crate::{
 pub struct Node {
     child: Child,
     pub port: Option<u16>,
+    /// What a gateway printed before it listened (a bootstrap tenant's key, say).
+    pub startup: Vec<String>,
 }
 
 impl Node {
@@ -51,6 +53,7 @@ impl Node {
             .spawn()
             .expect("node starts");
         let mut port = None;
+        let mut startup = Vec::new();
         if binary == "gateway" {
             let stdout = child.stdout.take().unwrap();
             for line in BufReader::new(stdout).lines() {
@@ -60,11 +63,16 @@ impl Node {
                     port = v["port"].as_u64().map(|p| p as u16);
                     break;
                 }
+                startup.push(line);
             }
         } else {
             std::thread::sleep(Duration::from_millis(500));
         }
-        Node { child, port }
+        Node {
+            child,
+            port,
+            startup,
+        }
     }
 
     /// SIGTERM, as a rolling restart sends; true once the process has exited within `within`.
@@ -400,5 +408,41 @@ async fn gateway_and_worker_ride_out_a_postgres_restart() -> TestResult {
         answered_after_restart(&app, &chat).await,
         "a message is answered after the restart"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn three_gateways_started_at_once_on_an_empty_database_create_one_default_tenant()
+-> TestResult {
+    let db = TestDb::postgres().await;
+    let url = db.url.clone();
+    let nodes: Vec<Node> = std::thread::scope(|s| {
+        let started: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| Node::spawn("gateway", &url)))
+            .collect();
+        started.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let printed = nodes
+        .iter()
+        .filter(|n| n.startup.iter().any(|l| l.contains("shown only this once")))
+        .count();
+    assert_eq!(printed, 1, "exactly one gateway prints the key");
+    let key = nodes
+        .iter()
+        .flat_map(|n| n.startup.iter())
+        .skip_while(|l| !l.contains("shown only this once"))
+        .map(|l| l.trim())
+        .find(|l| !l.is_empty() && !l.contains("shown only this once"))
+        .unwrap()
+        .to_owned();
+    for node in &nodes {
+        let client = TestApp::attach(node.port.unwrap());
+        assert_eq!(client.get(&key, "/api/v1/chats/user/x").await.status(), 404);
+    }
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await?;
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM tenants")
+        .fetch_all(&mut conn)
+        .await?;
+    assert_eq!(names, ["default"]);
     Ok(())
 }

@@ -157,6 +157,14 @@ async fn drop_redis_keys(prefix: &str) {
     }
 }
 
+/// `prefix` made unique (tenant names are).
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
 /// The app on port 0 with a fresh database and a fresh tenant.
 pub async fn spawn_app() -> TestApp {
     spawn_with(|_| {}).await
@@ -207,7 +215,7 @@ pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         _db: None,
     };
     if admin_on {
-        let tenant = test.create_tenant(json!({"name": "test"})).await;
+        let tenant = test.create_tenant(json!({"name": unique("test")})).await;
         test.api_key = tenant["api_key"].as_str().expect("key").to_owned();
         test.tenant_id = tenant["id"].as_str().expect("id").to_owned();
     }
@@ -280,7 +288,7 @@ impl TestApp {
     /// A tenant with these settings; returns its API key.
     pub async fn tenant_with(&self, settings: Value) -> String {
         let t = self
-            .create_tenant(json!({"name": "custom", "settings": settings}))
+            .create_tenant(json!({"name": unique("custom"), "settings": settings}))
             .await;
         t["api_key"].as_str().expect("key").to_owned()
     }

@@ -33,9 +33,12 @@ pub enum BrokerError {
     /// The broker was shut down.
     #[error("broker closed")]
     Closed,
-    /// The backing service is unreachable.
+    /// The backing service is unreachable, or answered what the broker cannot use.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// A Redis command (or taking a connection for it) failed.
+    #[error("broker unavailable: {0}")]
+    Redis(#[source] crate::Cause),
     /// A publish or save for a job attempt that another attempt has taken over.
     #[error("attempt {attempt} of the job was taken over by a newer attempt")]
     Fenced {

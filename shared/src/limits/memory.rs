@@ -98,7 +98,7 @@ impl Limits for MemoryLimits {
         let mut windows = self
             .windows
             .lock()
-            .map_err(|e| LimitsError(e.to_string()))?;
+            .map_err(|e| LimitsError::new(e.to_string()))?;
         if windows.len() > 10_000 {
             windows.retain(|_, (start, _)| now.duration_since(*start) < window);
         }

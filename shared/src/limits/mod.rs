@@ -15,7 +15,14 @@ use uuid::Uuid;
 /// Limit-store failures.
 #[derive(Debug, thiserror::Error)]
 #[error("limits unavailable: {0}")]
-pub struct LimitsError(pub String);
+pub struct LimitsError(#[source] pub crate::Cause);
+
+impl LimitsError {
+    /// A failure caused by `cause`.
+    pub fn new(cause: impl Into<crate::Cause>) -> Self {
+        Self(cause.into())
+    }
+}
 
 /// A held connection slot; dropping it gives the slot back.
 pub struct ConnectionLease {

@@ -46,9 +46,9 @@ pub struct RedisLimits {
 }
 
 /// Every failed Redis command passes here, so this is where `redis_errors` counts them.
-fn err(e: impl std::fmt::Display) -> LimitsError {
+fn err(e: impl Into<crate::Cause>) -> LimitsError {
     crate::metrics::metrics().redis_errors.inc();
-    LimitsError(e.to_string())
+    LimitsError::new(e)
 }
 
 fn ms(d: Duration) -> u64 {

@@ -38,6 +38,8 @@ pub enum ErrorCode {
     QuotaExceeded,
     /// Anything unexpected; details are logged, never sent.
     InternalError,
+    /// A tenant of this name exists already (admin API; names are unique).
+    NameTaken,
 }
 
 impl ErrorCode {
@@ -60,6 +62,7 @@ impl ErrorCode {
             Self::ResumeUnavailable => "RESUME_UNAVAILABLE",
             Self::QuotaExceeded => "QUOTA_EXCEEDED",
             Self::InternalError => "INTERNAL_ERROR",
+            Self::NameTaken => "NAME_TAKEN",
         }
     }
 
@@ -92,6 +95,7 @@ impl ErrorCode {
                 "Reload the chat's history with GET /api/v1/chats/{chat_id}/messages; live events follow"
             }
             Self::InternalError => "Retry; if it persists, contact the operator",
+            Self::NameTaken => "Choose another name, or change the tenant that has this one",
         }
     }
 }

@@ -83,7 +83,10 @@ fn unanswered_jobs(rows: Vec<UnansweredRow>) -> Vec<crate::protocol::Job> {
 pub enum StoreError {
     /// The database refused or could not be reached.
     #[error("database error: {0}")]
-    Database(sqlx::Error),
+    Database(#[source] sqlx::Error),
+    /// Another tenant already has this name (names are unique).
+    #[error("a tenant named '{0}' already exists")]
+    NameTaken(String),
     /// Applying the schema failed.
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -100,6 +103,20 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         crate::metrics::metrics().database_errors.inc();
         Self::Database(e)
+    }
+}
+
+impl StoreError {
+    /// The error of a tenant insert or update that set `name`: a unique violation of the name
+    /// index becomes [`StoreError::NameTaken`] (the key hash is unique too, but 256 random bits
+    /// never collide).
+    fn tenant_write(name: Option<&str>) -> impl FnOnce(sqlx::Error) -> Self + '_ {
+        move |e| match (&e, name) {
+            (sqlx::Error::Database(db), Some(name)) if db.is_unique_violation() => {
+                Self::NameTaken(name.to_owned())
+            }
+            _ => e.into(),
+        }
     }
 }
 

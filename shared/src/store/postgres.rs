@@ -17,8 +17,8 @@ use super::batch::Writer;
 use super::pg_batch::PgRows;
 use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, TenantRow, messages};
 use super::{
-    Chat, DailyUsage, Message, NewAnswer, NewUserMessage, Page, Store, StoreResult, Tenant,
-    TenantSettings,
+    Chat, DailyUsage, Message, NewAnswer, NewUserMessage, Page, Store, StoreError, StoreResult,
+    Tenant, TenantSettings,
 };
 use crate::protocol::Job;
 
@@ -73,7 +73,8 @@ impl Store for PgStore {
         .bind(now)
         .bind(now)
         .execute(&self.pool)
-        .await?;
+        .await
+        .map_err(StoreError::tenant_write(Some(name)))?;
         Ok(Tenant {
             id,
             name: name.to_owned(),
@@ -124,7 +125,8 @@ impl Store for PgStore {
         .bind(Utc::now())
         .bind(id)
         .execute(&self.pool)
-        .await?;
+        .await
+        .map_err(StoreError::tenant_write(name))?;
         if done.rows_affected() == 0 {
             return Ok(None);
         }

@@ -19,8 +19,8 @@ use super::batch::Writer;
 use super::rows::{CHAT_COLS, ChatRow, MESSAGE_COLS, MessageRow, TENANT_COLS, TenantRow, messages};
 use super::sqlite_writer::{SqliteRows, checkpoint};
 use super::{
-    Chat, DailyUsage, Message, NewAnswer, NewUserMessage, Page, Store, StoreResult, Tenant,
-    TenantSettings,
+    Chat, DailyUsage, Message, NewAnswer, NewUserMessage, Page, Store, StoreError, StoreResult,
+    Tenant, TenantSettings,
 };
 use crate::protocol::Job;
 
@@ -96,7 +96,8 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(now)
         .execute(&self.write)
-        .await?;
+        .await
+        .map_err(StoreError::tenant_write(Some(name)))?;
         Ok(Tenant {
             id,
             name: name.to_owned(),
@@ -147,7 +148,8 @@ impl Store for SqliteStore {
         .bind(Utc::now())
         .bind(id)
         .execute(&self.write)
-        .await?;
+        .await
+        .map_err(StoreError::tenant_write(name))?;
         if done.rows_affected() == 0 {
             return Ok(None);
         }

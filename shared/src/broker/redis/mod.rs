@@ -134,9 +134,9 @@ struct LogSettings {
 }
 
 /// Every failed Redis command passes here, so this is where `redis_errors` counts them.
-fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+fn unavailable(e: impl Into<crate::Cause>) -> BrokerError {
     metrics().redis_errors.inc();
-    BrokerError::Unavailable(e.to_string())
+    BrokerError::Redis(e.into())
 }
 
 impl RedisBroker {
