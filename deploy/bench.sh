@@ -18,7 +18,7 @@ cargo build --release -q -p gateway -p worker -p loadgen
 mkdir -p reports
 dir=$(mktemp -d)
 port=${PARLEY_BENCH_PORT:-18000}
-export PARLEY_ADMIN_TOKEN=bench PARLEY_LOG=warn PARLEY_BOOTSTRAP_TENANT=false
+export PARLEY_ADMIN_TOKEN=bench-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n') PARLEY_LOG=warn PARLEY_BOOTSTRAP_TENANT=false
 wk=
 if [ "${TOPOLOGY:-embedded}" = distributed ]; then
   . scripts/services.sh

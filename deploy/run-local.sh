@@ -2,7 +2,7 @@
 # Runs the distributed topology as native processes on loopback: G gateways and W workers
 # sharing the local Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, database `parley`).
 #   deploy/run-local.sh [G] [W]      # gateways on :8001, :8002, …; Ctrl-C stops everything
-# Environment: PARLEY_ADMIN_TOKEN (default `local-admin`), PARLEY_LOG, PARLEY_REDIS_PREFIX, and
+# Environment: PARLEY_ADMIN_TOKEN (default: a random one, printed), PARLEY_LOG, PARLEY_REDIS_PREFIX, and
 # RELEASE=0 for debug builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'p
   || psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE parley"
 export PARLEY_DATABASE_URL=${PARLEY_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/parley}
 export PARLEY_REDIS_URL=${PARLEY_REDIS_URL:-redis://127.0.0.1:6379}
-export PARLEY_ADMIN_TOKEN=${PARLEY_ADMIN_TOKEN:-local-admin}
+export PARLEY_ADMIN_TOKEN=${PARLEY_ADMIN_TOKEN:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 export PARLEY_LOG=${PARLEY_LOG:-warn}
 ./target/$profile/gateway migrate >/dev/null
 pids=()

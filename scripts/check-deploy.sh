@@ -25,7 +25,7 @@ echo "hadolint deploy/Dockerfile"
 "$venv/bin/hadolint" deploy/Dockerfile
 
 echo "docker-compose config"
-docker-compose --profile load --profile monitoring --profile tracing -f docker-compose.yml config -q
+PARLEY_ADMIN_TOKEN=check-deploy-0123456789abcdef0123456789 docker-compose --profile load --profile monitoring --profile tracing -f docker-compose.yml config -q
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

@@ -9,7 +9,7 @@ cargo build -q -p loadgen
 db=parley_smoke
 psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
 export PARLEY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db PARLEY_REDIS_PREFIX="smoke$$:"
-export PARLEY_ADMIN_TOKEN=smoke RELEASE=0 PARLEY_LOG=warn
+export PARLEY_ADMIN_TOKEN=smoke-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n') RELEASE=0 PARLEY_LOG=warn
 log=$(mktemp)
 setsid deploy/run-local.sh 2 2 > "$log" 2>&1 &
 topology=$!
@@ -18,7 +18,7 @@ for _ in $(seq 600); do grep -q "^gateways:" "$log" && break; sleep 0.5; done
 grep -q "^gateways:" "$log" || { cat "$log"; echo "the topology did not start" >&2; exit 1; }
 loads=()
 for port in 8001 8002; do
-  ./target/debug/loadgen --url "http://127.0.0.1:$port" --admin-token smoke --sockets 40 --chats 20 \
+  ./target/debug/loadgen --url "http://127.0.0.1:$port" --admin-token "$PARLEY_ADMIN_TOKEN" --sockets 40 --chats 20 \
     --messages 5 --reply-tokens 20 --report "$log.$port" >/dev/null &
   loads+=($!)
 done

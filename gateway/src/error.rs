@@ -63,6 +63,12 @@ pub enum ApiError {
         /// Seconds until it resets.
         retry_after_secs: u64,
     },
+    /// This address failed to authenticate too often; refused before any lookup (429).
+    #[error("Too many failed authentications from this address; retry in {retry_after_secs} s")]
+    AuthThrottled {
+        /// Seconds until the address may try again.
+        retry_after_secs: u64,
+    },
     /// A socket sent messages faster than its tenant's `messages_per_second`.
     #[error("Rate limit exceeded: at most {per_second} messages per second")]
     TooManyMessages {
@@ -140,7 +146,9 @@ impl ApiError {
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::ChatInUse => ErrorCode::ChatInUse,
             Self::ConnectionLimit(_) => ErrorCode::ConnectionLimit,
-            Self::RateLimited { .. } | Self::TooManyMessages { .. } => ErrorCode::RateLimited,
+            Self::RateLimited { .. }
+            | Self::TooManyMessages { .. }
+            | Self::AuthThrottled { .. } => ErrorCode::RateLimited,
             Self::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
             Self::ResumeUnavailable { .. } => ErrorCode::ResumeUnavailable,
             Self::Unauthorized => ErrorCode::Unauthorized,
@@ -163,7 +171,8 @@ impl ApiError {
             }
             Self::RateLimited {
                 retry_after_secs, ..
-            } => ErrorDetails {
+            }
+            | Self::AuthThrottled { retry_after_secs } => ErrorDetails {
                 retry_after_ms: Some(retry_after_secs * 1000),
                 ..ErrorDetails::fix(ErrorCode::RateLimited.default_fix())
             },
@@ -208,9 +217,10 @@ impl ResponseError for ApiError {
             | Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ChatNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::ChatInUse | Self::NameTaken(_) => StatusCode::CONFLICT,
-            Self::ConnectionLimit(_) | Self::RateLimited { .. } | Self::TooManyMessages { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Self::ConnectionLimit(_)
+            | Self::RateLimited { .. }
+            | Self::TooManyMessages { .. }
+            | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::ResumeUnavailable { .. } => StatusCode::GONE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -222,7 +232,8 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(self.status_code());
         if let Self::RateLimited {
             retry_after_secs, ..
-        } = self
+        }
+        | Self::AuthThrottled { retry_after_secs } = self
         {
             res.insert_header(("Retry-After", retry_after_secs.to_string()));
         }

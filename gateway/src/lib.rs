@@ -6,6 +6,7 @@
 //! - [`messages`]: accepting a chat message (limits, quota, save, announce and queue).
 //! - [`auth`], [`tenants`]: keys, the admin token, tenant operations shared with the CLI.
 //! - [`quota`]: daily token quotas.
+//! - [`throttle`]: failed authentications throttled per source address.
 //! - [`error`]: the one mapping from failures to HTTP responses and WebSocket error events.
 
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod routes;
 pub mod startup;
 pub mod state;
 pub mod tenants;
+pub mod throttle;
 pub mod ws;
 
 pub use startup::{Application, Stopper};

@@ -18,6 +18,8 @@ use crate::{error::ApiError, routes, state::AppState, tenants};
 pub struct Application {
     port: u16,
     server: Server,
+    /// The operator API's own listener and its port (`PARLEY_ADMIN_BIND`).
+    admin: Option<(Server, u16)>,
     metrics: Server,
     metrics_port: u16,
     state: AppState,
@@ -26,6 +28,8 @@ pub struct Application {
 impl Application {
     /// Opens the store, wires the broker and limits, starts the worker and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        check_admin_token(&config)?;
+        let throttle = crate::throttle::AuthThrottle::new(&config.auth)?;
         let store = store::connect(&config.database_url)
             .await
             .with_context(|| {
@@ -50,22 +54,37 @@ impl Application {
         let port = listener.local_addr()?.port();
         let (metrics, metrics_port) = shared::metrics::serve(&config.metrics_bind)
             .with_context(|| format!("binding the metrics server to {}", config.metrics_bind))?;
-        let state = AppState::new(store, broker, limits, Arc::new(config), tenants, shutdown);
+        let state = AppState::new(
+            store,
+            broker,
+            limits,
+            Arc::new(config),
+            tenants,
+            shutdown,
+            throttle,
+        );
         let checker = state
             .revocations
             .clone()
             .run(state.store.clone(), state.shutdown.token.clone());
         state.shutdown.tracker.spawn(checker);
         let drain_secs = state.config.drain_timeout_secs;
+        let handshake_timeout =
+            Duration::from_secs(state.config.auth.handshake_timeout_secs.max(1));
         let workers = match state.config.http_workers {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         };
         let data = web::Data::new(state.clone());
+        let admin = match state.config.admin_bind.as_deref() {
+            Some(bind) => Some(admin_server(bind, data.clone(), handshake_timeout)?),
+            None => None,
+        };
+        let public_admin = admin.is_none();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
-                .configure(routes::configure)
+                .configure(|cfg| routes::configure(cfg, public_admin))
         })
         // Events are small frames written one after another; with Nagle's algorithm a frame
         // can wait for the client's delayed ACK (40 ms on Linux).
@@ -75,6 +94,9 @@ impl Application {
             }
         })
         .workers(workers)
+        // A connection that does not send its request head (a WebSocket upgrade included) in
+        // time is dropped: stalled upgrades hold no socket for long.
+        .client_request_timeout(handshake_timeout)
         // No lingering after a response: actix-http otherwise keeps reading a connection whose
         // request body was left unread (every WebSocket's, once it closed) for up to a second,
         // waiting for the client to hang up first, while a WebSocket client waits for the
@@ -89,6 +111,7 @@ impl Application {
         Ok(Self {
             port,
             server,
+            admin,
             metrics,
             metrics_port,
             state,
@@ -105,10 +128,16 @@ impl Application {
         self.metrics_port
     }
 
+    /// The bound port of the operator API's own listener, when `PARLEY_ADMIN_BIND` is set.
+    pub fn admin_port(&self) -> Option<u16> {
+        self.admin.as_ref().map(|(_, port)| *port)
+    }
+
     /// A handle to stop the application from elsewhere (signals, tests).
     pub fn stopper(&self) -> Stopper {
         Stopper {
             handle: self.server.handle(),
+            admin: self.admin.as_ref().map(|(server, _)| server.handle()),
             metrics: self.metrics.handle(),
             state: self.state.clone(),
         }
@@ -116,8 +145,14 @@ impl Application {
 
     /// Serves until stopped.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let (served, metrics) = futures_util::join!(self.server, self.metrics);
-        served.and(metrics)
+        let admin = async {
+            match self.admin {
+                Some((server, _)) => server.await,
+                None => Ok(()),
+            }
+        };
+        let (served, metrics, admin) = futures_util::join!(self.server, self.metrics, admin);
+        served.and(metrics).and(admin)
     }
 }
 
@@ -127,6 +162,7 @@ impl Application {
 #[derive(Clone)]
 pub struct Stopper {
     handle: actix_web::dev::ServerHandle,
+    admin: Option<actix_web::dev::ServerHandle>,
     metrics: actix_web::dev::ServerHandle,
     state: AppState,
 }
@@ -137,11 +173,48 @@ impl Stopper {
         self.state.start_draining();
         self.state.shutdown.token.cancel();
         self.handle.stop(true).await;
+        if let Some(admin) = &self.admin {
+            admin.stop(true).await;
+        }
         // Scraped until the end, so the drain shows on dashboards.
         self.metrics.stop(true).await;
         let drain = Duration::from_secs(self.state.config.drain_timeout_secs + 5);
         let _ = tokio::time::timeout(drain, self.state.shutdown.stop()).await;
     }
+}
+
+/// Refuses an admin token short enough to guess (an empty one keeps the admin API off).
+fn check_admin_token(config: &Config) -> anyhow::Result<()> {
+    let min = shared::config::MIN_ADMIN_TOKEN_CHARS;
+    match config.admin_token.as_deref() {
+        Some(token) if !token.is_empty() && token.chars().count() < min => anyhow::bail!(
+            "PARLEY_ADMIN_TOKEN is shorter than {min} characters; use a long random one \
+             (`openssl rand -hex 24`), or leave it unset to keep the admin API off"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The operator API on its own listener, off the public port.
+fn admin_server(
+    bind: &str,
+    data: web::Data<AppState>,
+    request_timeout: Duration,
+) -> anyhow::Result<(Server, u16)> {
+    let listener =
+        TcpListener::bind(bind).with_context(|| format!("binding the admin API to {bind}"))?;
+    let port = listener.local_addr()?.port();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .configure(routes::configure_admin)
+    })
+    .workers(1)
+    .client_request_timeout(request_timeout)
+    .listen(listener)?
+    .disable_signals()
+    .run();
+    Ok((server, port))
 }
 
 /// Cluster-wide limits in Redis; workers run as separate processes.

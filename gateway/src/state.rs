@@ -32,6 +32,8 @@ pub struct AppState {
     pub quotas: Arc<crate::quota::Quotas>,
     /// The API keys open sockets use, to close them when a key is revoked.
     pub revocations: Arc<crate::revocation::Revocations>,
+    /// Failed authentications per source address.
+    pub throttle: Arc<crate::throttle::AuthThrottle>,
     /// Handshakes checked at once (see [`HANDSHAKES_IN_FLIGHT`]).
     pub handshakes: Arc<tokio::sync::Semaphore>,
     draining: Arc<AtomicBool>,
@@ -52,8 +54,10 @@ impl AppState {
         config: Arc<Config>,
         tenants: TenantCache,
         shutdown: Shutdown,
+        throttle: crate::throttle::AuthThrottle,
     ) -> Self {
         Self {
+            throttle: Arc::new(throttle),
             revocations: Arc::new(crate::revocation::Revocations::new(shutdown.token.clone())),
             store,
             broker,

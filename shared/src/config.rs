@@ -19,8 +19,12 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Gateway HTTP/WebSocket listen address (`PARLEY_BIND`).
     pub bind: String,
-    /// Bearer token that enables `/admin/v1` (`PARLEY_ADMIN_TOKEN`); unset keeps the admin API off.
+    /// Bearer token that enables `/admin/v1` (`PARLEY_ADMIN_TOKEN`); unset or empty keeps the
+    /// admin API off. At least [`MIN_ADMIN_TOKEN_CHARS`] characters, or the gateway refuses to start.
     pub admin_token: Option<String>,
+    /// Serve `/admin/v1` on this address only, off the public port (`PARLEY_ADMIN_BIND`, e.g.
+    /// `127.0.0.1:8001`); unset serves it on the main port.
+    pub admin_bind: Option<String>,
     /// `sqlite://path` (embedded) or `postgres://…` (`PARLEY_DATABASE_URL`).
     pub database_url: String,
     /// `redis://…` selects the distributed broker (`PARLEY_REDIS_URL`); unset runs in-process.
@@ -45,6 +49,8 @@ pub struct Config {
     pub drain_timeout_secs: u64,
     /// Protocol limits that are the same for every tenant.
     pub limits: LimitsConfig,
+    /// Throttling of failed authentications and the handshake's time limits.
+    pub auth: AuthConfig,
     /// The in-process or stand-alone worker.
     pub worker: WorkerConfig,
     /// Timings of the distributed mode.
@@ -85,6 +91,45 @@ impl Default for DeliveryConfig {
             write_timeout_secs: 10,
             unanswered_after_secs: 30,
             worker_lease_ms: 3_000,
+        }
+    }
+}
+
+/// The shortest admin token a gateway accepts: a token an attacker could guess is worse than none.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+
+/// Throttling of failed authentications per source address, and the handshake's time limits.
+///
+/// Each failed authentication (an unknown API key on REST or WebSocket, a wrong admin token)
+/// takes one from its address's allowance of `failure_burst`, which refills at
+/// `failures_per_minute`; an address with none left is refused at once (429 / `RATE_LIMITED`
+/// with `retry_after_ms`) without any lookup, whatever key it sends, until it has one again.
+/// Successful authentications cost nothing, so a busy NAT of honest clients is never throttled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthConfig {
+    /// Failed authentications an address may make in a row (`PARLEY_AUTH__FAILURE_BURST`).
+    pub failure_burst: u32,
+    /// Failed authentications per minute an address regains (`PARLEY_AUTH__FAILURES_PER_MINUTE`).
+    pub failures_per_minute: u32,
+    /// Comma-separated addresses or CIDR ranges of the reverse proxies in front of the gateway
+    /// (`PARLEY_AUTH__TRUSTED_PROXIES=10.0.0.0/8,127.0.0.1`). A request from one of them is
+    /// attributed to the last address in its `X-Forwarded-For` that is not a trusted proxy;
+    /// anyone else's `X-Forwarded-For` is ignored, so it cannot be used to dodge the throttle.
+    pub trusted_proxies: String,
+    /// Seconds a client has to send its request head after connecting, and a WebSocket
+    /// handshake to be checked (waiting for a turn included) before it is refused with
+    /// `SERVICE_UNAVAILABLE` and close 1013 (`PARLEY_AUTH__HANDSHAKE_TIMEOUT_SECS`).
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            failure_burst: 20,
+            failures_per_minute: 30,
+            trusted_proxies: String::new(),
+            handshake_timeout_secs: 5,
         }
     }
 }
@@ -149,6 +194,7 @@ impl Default for Config {
         Self {
             bind: "0.0.0.0:8000".into(),
             admin_token: None,
+            admin_bind: None,
             database_url: "sqlite://parley.db".into(),
             redis_url: None,
             redis_prefix: "parley:".into(),
@@ -159,6 +205,7 @@ impl Default for Config {
             bootstrap_tenant: true,
             drain_timeout_secs: 30,
             limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
             worker: WorkerConfig::default(),
             cluster: ClusterConfig::default(),
             delivery: DeliveryConfig::default(),

@@ -42,11 +42,11 @@ async fn admin_gate(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
-    let configured = req
-        .app_data::<web::Data<AppState>>()
-        .and_then(|s| s.config.admin_token.clone())
-        .filter(|t| !t.is_empty());
-    let Some(configured) = configured else {
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let Some((state, configured)) = state.and_then(|s| {
+        let token = s.config.admin_token.clone().filter(|t| !t.is_empty())?;
+        Some((s, token))
+    }) else {
         return Err(
             ApiError::NotFound(format!("No route for {} {}", req.method(), req.path())).into(),
         );
@@ -55,9 +55,15 @@ async fn admin_gate(
         .headers()
         .get("Authorization")
         .and_then(|v| v.to_str().ok());
-    if !admin_token_matches(header, &configured) {
-        return Err(ApiError::Unauthorized.into());
-    }
+    let client = state.throttle.client_addr(req.peer_addr(), req.headers());
+    let checked = async {
+        if admin_token_matches(header, &configured) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    };
+    state.throttle.guard(client, checked).await?;
     next.call(req).await
 }
 

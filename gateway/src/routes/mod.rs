@@ -11,8 +11,30 @@ use actix_web::{HttpRequest, HttpResponse, error::JsonPayloadError, web};
 
 use crate::error::ApiError;
 
-/// Registers every route; unknown routes answer 404 in the error shape.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+/// Registers every route (the operator API too unless it has its own listener); unknown
+/// routes answer 404 in the error shape.
+pub fn configure(cfg: &mut web::ServiceConfig, with_admin: bool) {
+    extractors(cfg);
+    cfg.service(web::resource("/healthz").get(health::healthz))
+        .service(web::resource("/readyz").get(health::readyz))
+        .service(web::resource("/ws/chat").get(crate::ws::ws_chat));
+    if with_admin {
+        cfg.service(admin::scope());
+    }
+    cfg.service(chats::scope())
+        .default_service(web::to(not_found));
+}
+
+/// The routes of the operator API's own listener (`PARLEY_ADMIN_BIND`).
+pub fn configure_admin(cfg: &mut web::ServiceConfig) {
+    extractors(cfg);
+    cfg.service(web::resource("/healthz").get(health::healthz))
+        .service(admin::scope())
+        .default_service(web::to(not_found));
+}
+
+/// Extractor settings whose errors answer in the API's error shape.
+fn extractors(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
         web::JsonConfig::default()
             .limit(256 * 1024)
@@ -20,13 +42,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .app_data(
         web::PathConfig::default().error_handler(|e, _| ApiError::Invalid(e.to_string()).into()),
-    )
-    .service(web::resource("/healthz").get(health::healthz))
-    .service(web::resource("/readyz").get(health::readyz))
-    .service(web::resource("/ws/chat").get(crate::ws::ws_chat))
-    .service(admin::scope())
-    .service(chats::scope())
-    .default_service(web::to(not_found));
+    );
 }
 
 fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {

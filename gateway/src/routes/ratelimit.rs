@@ -39,7 +39,11 @@ pub async fn tenant_gate(
         .filter(|k| !k.is_empty())
         .ok_or(ApiError::MissingKey)?
         .to_owned();
-    let tenant = crate::auth::tenant_for_key(&state.tenants, &key).await?;
+    let client = state.throttle.client_addr(req.peer_addr(), req.headers());
+    let tenant = state
+        .throttle
+        .guard(client, crate::auth::tenant_for_key(&state.tenants, &key))
+        .await?;
     let limit = tenant.settings.requests_per_minute;
     let decision = state
         .limits

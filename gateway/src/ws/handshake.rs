@@ -21,6 +21,8 @@ pub struct HandshakeParams {
     pub chat_id: Option<String>,
     /// `last_seq` / `X-Last-Seq`: resume after this `seq` (API.md §4.1).
     pub last_seq: Option<String>,
+    /// The source address failed authentications count against ([`crate::throttle`]).
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl HandshakeParams {
@@ -40,6 +42,7 @@ impl HandshakeParams {
             user_id: take("user_id", "X-User-ID"),
             chat_id: take("chat_id", "X-Chat-ID"),
             last_seq: take("last_seq", "X-Last-Seq"),
+            client: None,
         }
     }
 }
@@ -93,7 +96,13 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
             name: "last_seq",
             reason: "must be a non-negative integer",
         })?;
-    let tenant = crate::auth::tenant_for_key(&state.tenants, &api_key).await?;
+    let tenant = state
+        .throttle
+        .guard(
+            params.client,
+            crate::auth::tenant_for_key(&state.tenants, &api_key),
+        )
+        .await?;
     validate_user_id(&user_id).map_err(|reason| ApiError::InvalidParam {
         name: "user_id",
         reason,

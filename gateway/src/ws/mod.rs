@@ -19,7 +19,8 @@ pub async fn ws_chat(
     body: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let params = HandshakeParams::from_request(&req);
+    let mut params = HandshakeParams::from_request(&req);
+    params.client = state.throttle.client_addr(req.peer_addr(), req.headers());
     let (response, ws_session, stream) = actix_ws::handle(&req, body)?;
     let limits = &state.config.limits;
     let stream = stream

@@ -47,10 +47,7 @@ pub fn run(
     mut stream: Box<AggregatedMessageStream>,
 ) -> impl std::future::Future<Output = ()> {
     async move {
-        let accepted = {
-            let _turn = state.handshakes.acquire().await;
-            Box::pin(handshake::accept(&state, params)).await
-        };
+        let accepted = Box::pin(checked(&state, params)).await;
         match accepted {
             Ok(accepted) => {
                 metrics().connect("accepted");
@@ -65,14 +62,34 @@ pub fn run(
     }
 }
 
+/// The handshake, bounded: an address throttled for failed authentications is refused before
+/// it waits for a turn, and the turn and the checks together take at most
+/// `auth.handshake_timeout_secs` (a flood cannot queue real clients without bound).
+async fn checked(state: &AppState, params: HandshakeParams) -> Result<Accepted, ApiError> {
+    state.throttle.check(params.client)?;
+    let limit = Duration::from_secs(state.config.auth.handshake_timeout_secs.max(1));
+    let handshake = async {
+        let _turn = state.handshakes.acquire().await;
+        handshake::accept(state, params).await
+    };
+    tokio::time::timeout(limit, handshake)
+        .await
+        .unwrap_or(Err(ApiError::Unavailable(
+            crate::error::Dependency::Gateway("the handshake timed out: the gateway is busy"),
+        )))
+}
+
 /// Reports a handshake failure, then closes with 1008 (1013 when the gateway cannot serve now).
+/// Both writes are bounded: a client that does not read is dropped.
 async fn refuse(mut session: Session, err: &ApiError) {
     let code = match err {
         ApiError::Unavailable(_) => CloseCode::Again,
         _ => CloseCode::Policy,
     };
-    if session.text(err.to_event().to_frame()).await.is_ok() {
-        let _ = session.close(Some(close(code, err.code().as_str()))).await;
+    let frame = err.to_event().to_frame();
+    if let Ok(Ok(())) = tokio::time::timeout(CLOSE_TIMEOUT, session.text(frame)).await {
+        let closing = session.close(Some(close(code, err.code().as_str())));
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
     }
 }
 

@@ -15,11 +15,13 @@ use tokio_tungstenite::{
     tungstenite::{Message, client::IntoClientRequest, protocol::frame::coding::CloseCode},
 };
 
-pub const ADMIN: &str = "test-admin-token";
+pub const ADMIN: &str = "test-admin-token-0123456789abcdef";
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 pub struct TestApp {
     pub port: u16,
+    /// The operator API's own port when `admin_bind` is set, else the main port.
+    pub admin_port: u16,
     pub metrics_port: u16,
     pub http: reqwest::Client,
     pub api_key: String,
@@ -200,11 +202,13 @@ pub async fn start(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let _ = shared::telemetry::init("warn", shared::telemetry::TraceExport::Off, "parley-test");
     let app = Application::build(config).await.expect("app builds");
     let port = app.port();
+    let admin_port = app.admin_port().unwrap_or(port);
     let metrics_port = app.metrics_port();
     let stopper = app.stopper();
     tokio::spawn(app.run_until_stopped());
     let mut test = TestApp {
         port,
+        admin_port,
         metrics_port,
         http: reqwest::Client::new(),
         api_key: String::new(),
@@ -227,6 +231,7 @@ impl TestApp {
     pub fn attach(port: u16) -> TestApp {
         TestApp {
             port,
+            admin_port: port,
             metrics_port: 0,
             http: reqwest::Client::new(),
             api_key: String::new(),
@@ -240,6 +245,11 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A URL of the operator API (its own port when `admin_bind` is set).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
     /// Stops the in-process worker (answers then come only from other workers).
@@ -262,7 +272,7 @@ impl TestApp {
     pub async fn create_tenant(&self, body: Value) -> Value {
         let res = self
             .http
-            .post(self.url("/admin/v1/tenants"))
+            .post(self.admin_url("/admin/v1/tenants"))
             .bearer_auth(ADMIN)
             .json(&body)
             .send()
@@ -276,7 +286,7 @@ impl TestApp {
     pub async fn admin_tenants(&self) -> Value {
         let res = self
             .http
-            .get(self.url("/admin/v1/tenants"))
+            .get(self.admin_url("/admin/v1/tenants"))
             .bearer_auth(ADMIN)
             .send()
             .await
@@ -335,12 +345,22 @@ impl TestApp {
 
     /// Opens a socket with query parameters.
     pub async fn ws(&self, key: &str, user_id: &str, chat_id: &str) -> Ws {
+        Ws::open(self.ws_request(key, user_id, chat_id)).await
+    }
+
+    /// The upgrade request [`TestApp::ws`] sends.
+    pub fn ws_request(
+        &self,
+        key: &str,
+        user_id: &str,
+        chat_id: &str,
+    ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
         let url = format!(
             "ws://127.0.0.1:{}/ws/chat?api_key={key}&user_id={}&chat_id={chat_id}",
             self.port,
             urlencode(user_id)
         );
-        Ws::open(url.into_client_request().expect("request")).await
+        url.into_client_request().expect("request")
     }
 }
 
@@ -364,6 +384,27 @@ pub const WAIT: Duration = Duration::from_secs(10);
 impl Ws {
     pub async fn open(req: tokio_tungstenite::tungstenite::handshake::client::Request) -> Ws {
         let (inner, _) = connect_async(req).await.expect("websocket connects");
+        Ws { inner }
+    }
+
+    /// Opens a socket from the local address `source` (`127.0.0.2`, ...): clients at different
+    /// addresses, as the per-address throttle sees them.
+    pub async fn open_from(
+        source: &str,
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Ws {
+        let port = req.uri().port_u16().expect("port");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(format!("{source}:0").parse().expect("address"))
+            .expect("bind source");
+        let stream = socket
+            .connect(([127, 0, 0, 1], port).into())
+            .await
+            .expect("connect");
+        let (inner, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("websocket connects");
         Ws { inner }
     }
 

@@ -6,6 +6,7 @@ mod clients;
 mod cluster;
 mod delivery;
 mod faults;
+mod floods;
 mod helpers;
 mod hostile;
 mod models;
