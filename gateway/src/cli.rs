@@ -80,7 +80,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::Migrate => {
-            store::connect(&config.database_url).await?;
+            store::open(&config).await?;
             println!(
                 "migrations applied to {}",
                 shared::config::redact_url(&config.database_url)
@@ -130,7 +130,7 @@ fn json_arg(raw: Option<&str>) -> anyhow::Result<Option<Value>> {
 }
 
 async fn tenant(cmd: TenantCommand, config: &Config) -> anyhow::Result<Value> {
-    let store = store::connect(&config.database_url).await?;
+    let store = store::open(&config).await?;
     let store = store.as_ref();
     Ok(match cmd {
         TenantCommand::Create { name, settings } => serde_json::to_value(

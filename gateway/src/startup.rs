@@ -30,12 +30,10 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         check_admin_token(&config)?;
         let throttle = crate::throttle::AuthThrottle::new(&config.auth)?;
-        let store = store::connect(&config.database_url)
-            .await
-            .with_context(|| {
-                let url = shared::config::redact_url(&config.database_url);
-                format!("opening the store at {url}")
-            })?;
+        let store = store::open(&config).await.with_context(|| {
+            let url = shared::config::redact_url(&config.database_url);
+            format!("opening the store at {url}")
+        })?;
         if config.bootstrap_tenant {
             bootstrap_tenant(store.as_ref()).await?;
         }
@@ -220,7 +218,8 @@ fn admin_server(
 /// Cluster-wide limits in Redis; workers run as separate processes.
 async fn distributed_limits(config: &Config, url: &str) -> anyhow::Result<Arc<dyn Limits>> {
     let lease = Duration::from_secs(config.cluster.lease_secs.max(1));
-    Ok(RedisLimits::connect(url, &config.redis_prefix, lease).await?)
+    let timeout = config.timeouts.redis();
+    Ok(RedisLimits::connect(url, &config.redis_prefix, lease, timeout).await?)
 }
 
 /// In-process limits and worker.

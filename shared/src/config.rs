@@ -51,6 +51,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Throttling of failed authentications and the handshake's time limits.
     pub auth: AuthConfig,
+    /// Time limits on calls to the store and to Redis.
+    pub timeouts: TimeoutsConfig,
     /// The in-process or stand-alone worker.
     pub worker: WorkerConfig,
     /// Timings of the distributed mode.
@@ -134,6 +136,50 @@ impl Default for AuthConfig {
     }
 }
 
+/// Time limits on every call to a dependency, so that a hung one fails requests fast (503
+/// `SERVICE_UNAVAILABLE`) and turns `/readyz` not-ready, naming it, instead of piling them up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TimeoutsConfig {
+    /// Milliseconds one store statement may take (`PARLEY_TIMEOUTS__STORE_MS`): Postgres'
+    /// `statement_timeout` (a lock wait included) and the wait for a pooled connection; SQLite's
+    /// wait for its write lock.
+    pub store_ms: u64,
+    /// Milliseconds a Redis command may wait for its reply (`PARLEY_TIMEOUTS__REDIS_MS`); the
+    /// blocking job read is bounded by its own `BLOCK` time instead.
+    pub redis_ms: u64,
+    /// Milliseconds a REST or admin request may take in all (`PARLEY_TIMEOUTS__REQUEST_MS`):
+    /// the bound for a dependency that hangs without an error (a network that drops packets).
+    pub request_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            store_ms: 5_000,
+            redis_ms: 2_000,
+            request_ms: 10_000,
+        }
+    }
+}
+
+impl TimeoutsConfig {
+    /// The store's limit (at least 100 ms).
+    pub fn store(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.store_ms.max(100))
+    }
+
+    /// A REST request's limit (at least 100 ms).
+    pub fn request(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.request_ms.max(100))
+    }
+
+    /// Redis' limit (at least 100 ms).
+    pub fn redis(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.redis_ms.max(100))
+    }
+}
+
 /// Timings of the distributed mode (Redis).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -206,6 +252,7 @@ impl Default for Config {
             drain_timeout_secs: 30,
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
+            timeouts: TimeoutsConfig::default(),
             worker: WorkerConfig::default(),
             cluster: ClusterConfig::default(),
             delivery: DeliveryConfig::default(),

@@ -15,10 +15,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 /// Pooled connections, for blocking commands only.
 const POOL_SIZE: usize = 8;
 
-/// How long a command may wait for its reply before it fails (and `/readyz` turns not-ready);
-/// above any blocking command's own timeout.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -34,11 +30,15 @@ pub enum RedisSetupError {
 }
 
 /// The multiplexed connection alone, for a user that runs no blocking command (the limits);
-/// it connects on first use.
-pub fn shared_connection(url: &str) -> Result<ConnectionManager, RedisSetupError> {
+/// it connects on first use. A command waits at most `timeout` for its reply, then fails (and
+/// `/readyz` turns not-ready) rather than hold its caller.
+pub fn shared_connection(
+    url: &str,
+    timeout: Duration,
+) -> Result<ConnectionManager, RedisSetupError> {
     let client = redis::Client::open(url)?;
     let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_response_timeout(Some(timeout))
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_max_delay(Duration::from_secs(2));
     Ok(ConnectionManager::new_lazy_with_config(client, config)?)
@@ -52,9 +52,10 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Sets up the connections to `url`; they connect on first use.
-    pub fn new(url: &str) -> Result<Self, RedisSetupError> {
-        let shared = shared_connection(url)?;
+    /// Sets up the connections to `url`; they connect on first use. Quick commands wait at
+    /// most `timeout` for their reply.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, RedisSetupError> {
+        let shared = shared_connection(url, timeout)?;
         let mut pool = deadpool_redis::Config::from_url(url);
         pool.pool = Some(deadpool_redis::PoolConfig::new(POOL_SIZE));
         let pool = pool.create_pool(Some(deadpool_redis::Runtime::Tokio1))?;

@@ -87,7 +87,7 @@ impl Worker {
         if config.redis_url.is_none() {
             return Err(BuildError::NoRedis);
         }
-        let store = shared::store::connect(&config.database_url)
+        let store = shared::store::open(config)
             .await
             .map_err(BuildError::Store)?;
         let broker = shared::broker::connect(config, store.clone(), shared::broker::Role::Worker)

@@ -42,6 +42,14 @@ async fn admin_gate(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let limit = super::deadline_of(&req);
+    super::deadline(limit, gate(req, next)).await
+}
+
+async fn gate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let Some((state, configured)) = state.and_then(|s| {
         let token = s.config.admin_token.clone().filter(|t| !t.is_empty())?;

@@ -5,7 +5,7 @@ pub mod chats;
 pub mod health;
 pub mod ratelimit;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use actix_web::{HttpRequest, HttpResponse, error::JsonPayloadError, web};
 
@@ -43,6 +43,26 @@ fn extractors(cfg: &mut web::ServiceConfig) {
     .app_data(
         web::PathConfig::default().error_handler(|e, _| ApiError::Invalid(e.to_string()).into()),
     );
+}
+
+/// Runs a request within `timeouts.request_ms`; past it the request fails with 503
+/// `SERVICE_UNAVAILABLE` (a dependency hangs) instead of holding its client.
+pub async fn deadline<T>(
+    limit: Duration,
+    request: impl Future<Output = Result<T, actix_web::Error>>,
+) -> Result<T, actix_web::Error> {
+    tokio::time::timeout(limit, request)
+        .await
+        .unwrap_or_else(|_| {
+            let cause = crate::error::Dependency::Gateway("the request timed out");
+            Err(ApiError::Unavailable(cause).into())
+        })
+}
+
+/// The request's limit (`timeouts.request_ms`).
+pub fn deadline_of(req: &actix_web::dev::ServiceRequest) -> Duration {
+    req.app_data::<web::Data<crate::state::AppState>>()
+        .map_or(Duration::from_secs(10), |s| s.config.timeouts.request())
 }
 
 fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {

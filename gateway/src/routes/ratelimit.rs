@@ -24,8 +24,17 @@ use crate::{
 
 const WINDOW: Duration = Duration::from_secs(60);
 
-/// Resolves `X-API-Key` to a tenant (stored in the request extensions) and counts the request.
+/// Resolves `X-API-Key` to a tenant (stored in the request extensions) and counts the request;
+/// the whole request is bounded by [`super::deadline`].
 pub async fn tenant_gate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, Error> {
+    let limit = super::deadline_of(&req);
+    super::deadline(limit, gate(req, next)).await
+}
+
+async fn gate(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, Error> {

@@ -278,3 +278,37 @@ async fn a_database_password_never_appears_in_a_start_up_error() {
     assert!(!shown.contains("s3cret-pw"), "{shown}");
     assert!(shown.contains("postgres://postgres:***@"), "{shown}");
 }
+
+/// A Postgres that hangs (here: a lock the test holds on the tables every request reads) makes
+/// requests fail with 503 within the statement timeout, and `/readyz` names the store; all is
+/// well again once the lock goes.
+#[tokio::test]
+async fn a_stalled_postgres_fails_requests_within_the_statement_timeout() -> TestResult {
+    use sqlx::{Connection, Executor};
+    let db = TestDb::postgres().await;
+    let app = start(&db.url, |c| c.timeouts.store_ms = 1_000).await;
+    let chat = app.chat("u").await;
+    let path = format!("/api/v1/chats/{chat}");
+    let mut locker = sqlx::PgConnection::connect(&db.url).await?;
+    locker
+        .execute("BEGIN; LOCK TABLE tenants, chats IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let started = std::time::Instant::now();
+    let res = app.get(&app.api_key, &path).await;
+    let took = started.elapsed();
+    assert_eq!(res.status(), 503);
+    assert_error(&body(res).await, "SERVICE_UNAVAILABLE");
+    // The lock is held for as long as the test likes; the request deadline is 10 s.
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    let ready = app.http.get(app.url("/readyz")).send().await?;
+    assert_eq!(ready.status(), 503);
+    let ready = body(ready).await;
+    assert_eq!(ready["failing"]["store"], "timed out", "{ready}");
+    assert_eq!(ready["checks"]["broker"], true, "{ready}");
+    locker.execute("ROLLBACK").await?;
+    assert_eq!(app.get(&app.api_key, &path).await.status(), 200);
+    let ready = app.http.get(app.url("/readyz")).send().await?;
+    assert_eq!(ready.status(), 200);
+    app.stop().await;
+    Ok(())
+}

@@ -53,6 +53,19 @@ pub enum BrokerError {
     Store(#[source] StoreError),
 }
 
+impl BrokerError {
+    /// Whether the backing service hung (a command past `timeouts.redis_ms`) rather than failed.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Self::Redis(cause) => cause
+                .downcast_ref::<::redis::RedisError>()
+                .is_some_and(::redis::RedisError::is_timeout),
+            Self::Store(e) => e.is_timeout(),
+            _ => false,
+        }
+    }
+}
+
 /// A job handed to a worker; acknowledge it once the answer is saved.
 #[derive(Debug, Clone)]
 pub struct Delivery {

@@ -74,8 +74,9 @@ impl RedisLimits {
         url: &str,
         prefix: &str,
         lease_ttl: Duration,
+        command_timeout: Duration,
     ) -> Result<Arc<Self>, LimitsError> {
-        let redis = crate::redis_conn::shared_connection(url).map_err(err)?;
+        let redis = crate::redis_conn::shared_connection(url, command_timeout).map_err(err)?;
         let (releases, rx) = mpsc::unbounded_channel();
         let limits = Arc::new(Self {
             redis,

@@ -84,6 +84,10 @@ pub enum StoreError {
     /// The database refused or could not be reached.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// A statement ran past its time limit (`timeouts.store_ms`), waiting for a lock included,
+    /// or no pooled connection came free in time: the database hangs or is overloaded.
+    #[error("database timed out: {0}")]
+    TimedOut(#[source] sqlx::Error),
     /// Another tenant already has this name (names are unique).
     #[error("a tenant named '{0}' already exists")]
     NameTaken(String),
@@ -102,11 +106,27 @@ impl From<sqlx::Error> for StoreError {
     /// Every failed statement passes here, so this is where `database_errors` counts them.
     fn from(e: sqlx::Error) -> Self {
         crate::metrics::metrics().database_errors.inc();
-        Self::Database(e)
+        // 57014: Postgres cancelled the statement (its `statement_timeout`); 5: SQLite's lock
+        // stayed busy past its busy timeout.
+        let timed_out = match &e {
+            sqlx::Error::PoolTimedOut => true,
+            sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57014" | "5")),
+            _ => false,
+        };
+        if timed_out {
+            Self::TimedOut(e)
+        } else {
+            Self::Database(e)
+        }
     }
 }
 
 impl StoreError {
+    /// Whether the store hung rather than failed.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::TimedOut(_))
+    }
+
     /// The error of a tenant insert or update that set `name`: a unique violation of the name
     /// index becomes [`StoreError::NameTaken`] (the key hash is unique too, but 256 random bits
     /// never collide).
@@ -168,7 +188,8 @@ pub enum Saved {
 /// Everything the product persists. All methods are scoped so that a tenant never sees another's data.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Cheap reachability check for `/readyz`.
+    /// Cheap check for `/readyz`: reads the tenants table, which every request needs, so that
+    /// a lock held on it or a hung server shows, not only an unreachable one.
     async fn ping(&self) -> StoreResult<()>;
 
     /// Creates a tenant whose key hashes to `key_hash`.
@@ -316,10 +337,31 @@ pub trait Store: Send + Sync + 'static {
 
 /// Opens the store named by a database URL and applies its migrations.
 pub async fn connect(database_url: &str) -> StoreResult<Arc<dyn Store>> {
+    connect_with(
+        database_url,
+        crate::config::TimeoutsConfig::default().store(),
+    )
+    .await
+}
+
+/// The store the configuration names, with its statement time limit.
+pub async fn open(config: &crate::config::Config) -> StoreResult<Arc<dyn Store>> {
+    connect_with(&config.database_url, config.timeouts.store()).await
+}
+
+/// As [`connect`], each statement limited to `statement_timeout`.
+pub async fn connect_with(
+    database_url: &str,
+    statement_timeout: std::time::Duration,
+) -> StoreResult<Arc<dyn Store>> {
     if database_url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::connect(database_url).await?))
+        Ok(Arc::new(
+            sqlite::SqliteStore::connect(database_url, statement_timeout).await?,
+        ))
     } else if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
-        Ok(Arc::new(postgres::PgStore::connect(database_url).await?))
+        Ok(Arc::new(
+            postgres::PgStore::connect(database_url, statement_timeout).await?,
+        ))
     } else {
         Err(StoreError::UnsupportedUrl(database_url.to_owned()))
     }

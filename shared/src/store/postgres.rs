@@ -5,12 +5,16 @@
 //! inserts are group-committed and update their chats' counters in the same statement (see
 //! `pg_batch`).
 
-use std::time::Duration;
+use std::{str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value};
-use sqlx::{PgPool, postgres::PgPoolOptions, types::Json};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    types::Json,
+};
 use uuid::Uuid;
 
 use super::batch::Writer;
@@ -34,14 +38,25 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects to `url` and applies migrations.
-    pub async fn connect(url: &str) -> StoreResult<Self> {
+    /// Connects to `url` and applies migrations. Every statement is limited to
+    /// `statement_timeout` by the server (a lock wait included), and so is the wait for a
+    /// pooled connection; migrations run before the limit applies.
+    pub async fn connect(url: &str, statement_timeout: Duration) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url)?;
+        let migrations = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&migrations)
+            .await?;
+        migrations.close().await;
+        let millis = statement_timeout.as_millis().to_string();
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
+            .acquire_timeout(statement_timeout)
+            .connect_with(options.options([("statement_timeout", millis.as_str())]))
             .await?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let writer = Writer::start(PgRows(pool.clone()), WRITE_LANES);
         Ok(Self { pool, writer })
     }
@@ -50,7 +65,9 @@ impl PgStore {
 #[async_trait]
 impl Store for PgStore {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
+        sqlx::query("SELECT EXISTS (SELECT 1 FROM tenants)")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(())
     }
 

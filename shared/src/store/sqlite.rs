@@ -39,13 +39,14 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `url` and applies migrations.
-    pub async fn connect(url: &str) -> StoreResult<Self> {
+    /// Opens (creating if needed) the database at `url` and applies migrations; a statement
+    /// waits at most `lock_wait` for the database's lock.
+    pub async fn connect(url: &str, lock_wait: Duration) -> StoreResult<Self> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(lock_wait)
             .foreign_keys(true);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
@@ -73,7 +74,9 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").fetch_one(&self.read).await?;
+        sqlx::query("SELECT EXISTS (SELECT 1 FROM tenants)")
+            .fetch_one(&self.read)
+            .await?;
         Ok(())
     }
 

@@ -80,6 +80,8 @@ pub struct RedisBrokerConfig {
     pub consumer: String,
     /// Chat log retention and recovery bounds.
     pub delivery: crate::config::DeliveryConfig,
+    /// How long a quick command may wait for its reply.
+    pub command_timeout: Duration,
 }
 
 impl RedisBrokerConfig {
@@ -93,6 +95,7 @@ impl RedisBrokerConfig {
             max_attempts: config.cluster.max_attempts.max(1),
             consumer,
             delivery: config.delivery.clone(),
+            command_timeout: config.timeouts.redis(),
         }
     }
 }
@@ -146,7 +149,8 @@ impl RedisBroker {
         cfg: RedisBrokerConfig,
         store: Arc<dyn Store>,
     ) -> Result<Arc<Self>, BrokerError> {
-        let redis = crate::redis_conn::Redis::new(&cfg.url).map_err(unavailable)?;
+        let redis =
+            crate::redis_conn::Redis::new(&cfg.url, cfg.command_timeout).map_err(unavailable)?;
         let (control, control_rx) = mpsc::unbounded_channel();
         let (emptied, emptied_rx) = mpsc::unbounded_channel();
         tokio::spawn(pubsub::forward_emptied(emptied_rx, control.downgrade()));
