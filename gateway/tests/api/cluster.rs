@@ -22,6 +22,21 @@ pub struct Node {
     pub port: Option<u16>,
     /// What a gateway printed before it listened (a bootstrap tenant's key, say).
     pub startup: Vec<String>,
+    /// Everything else the process printed (stdout and stderr), as it prints it.
+    pub output: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// Collects a child's output lines on a thread of their own (the pipe never fills).
+fn collect(
+    from: impl std::io::Read + Send + 'static,
+    into: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let into = into.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            into.lock().unwrap().push(line);
+        }
+    });
 }
 
 impl Node {
@@ -49,29 +64,35 @@ impl Node {
             .env("PARLEY_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("node starts");
         let mut port = None;
         let mut startup = Vec::new();
+        let output = std::sync::Arc::default();
+        collect(child.stderr.take().unwrap(), &output);
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
         if binary == "gateway" {
-            let stdout = child.stdout.take().unwrap();
-            for line in BufReader::new(stdout).lines() {
-                let line = line.unwrap();
-                if line.contains("parley gateway listening") {
-                    let v: Value = serde_json::from_str(&line).unwrap();
+            let mut line = String::new();
+            while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+                let text = std::mem::take(&mut line);
+                if text.contains("parley gateway listening") {
+                    let v: Value = serde_json::from_str(&text).unwrap();
                     port = v["port"].as_u64().map(|p| p as u16);
+                    output.lock().unwrap().push(text);
                     break;
                 }
-                startup.push(line);
+                startup.push(text.trim_end().to_owned());
             }
         } else {
             std::thread::sleep(Duration::from_millis(500));
         }
+        collect(stdout, &output);
         Node {
             child,
             port,
             startup,
+            output,
         }
     }
 

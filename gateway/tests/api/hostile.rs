@@ -312,3 +312,80 @@ async fn a_stalled_postgres_fails_requests_within_the_statement_timeout() -> Tes
     app.stop().await;
     Ok(())
 }
+
+/// A gateway and a worker at `debug` level, driven through every path that handles a secret
+/// (the admin token on good and bad requests, a key on REST and WebSocket, in the query and
+/// in a header, right and wrong, a database URL with a password): none of the three ever shows
+/// in what the processes print.
+#[tokio::test]
+async fn keys_admin_tokens_and_database_passwords_never_appear_in_logs() -> TestResult {
+    use crate::cluster::Node;
+    let db = TestDb::postgres().await;
+    let password = "db-pass-S3CRET-4711";
+    let url = db.url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{password}@"),
+        1,
+    );
+    assert!(url.contains(password), "{url}");
+    let token = "admin-token-S3CRET-0123456789abcdef-0815";
+    let env = [
+        ("PARLEY_ADMIN_TOKEN", token),
+        ("PARLEY_LOG", "debug"),
+        ("PARLEY_BOOTSTRAP_TENANT", "false"),
+    ];
+    let mut gateway = Node::spawn_with("gateway", &url, &env);
+    let mut worker = Node::spawn_with("worker", &url, &env[1..]);
+    let app = TestApp::attach(gateway.port.expect("port"));
+    let res = app
+        .http
+        .post(app.url("/admin/v1/tenants"))
+        .bearer_auth(token)
+        .json(&json!({"name": unique("secrets")}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201);
+    let key = body(res).await["api_key"].as_str().unwrap().to_owned();
+    let wrong = app
+        .http
+        .get(app.url("/admin/v1/tenants"))
+        .bearer_auth(&key)
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 401);
+    let chat = app.chat_as(&key, "u").await;
+    let mut ws = app.ws(&key, "u", &chat).await;
+    ws.until("connection_established").await;
+    ws.send_json(json!({"content": "hello"})).await;
+    ws.until("message_stream_ended").await;
+    let mut header =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://127.0.0.1:{}/ws/chat?user_id=u&chat_id={chat}",
+            app.port
+        ))?;
+    header.headers_mut().insert("X-API-Key", key.parse()?);
+    Ws::open(header).await.until("connection_established").await;
+    let almost = format!("{}0", &key[..key.len() - 1]);
+    assert_eq!(
+        app.get(&almost, &format!("/api/v1/chats/{chat}"))
+            .await
+            .status(),
+        401
+    );
+    let mut refused = app.ws(&almost, "u", &chat).await;
+    refused.closed().await;
+    assert!(gateway.terminate(std::time::Duration::from_secs(10)));
+    assert!(worker.terminate(std::time::Duration::from_secs(10)));
+    let mut printed = gateway.output.lock().unwrap().clone();
+    printed.extend(worker.output.lock().unwrap().iter().cloned());
+    assert!(
+        printed.len() > 10,
+        "debug logging printed next to nothing: {printed:?}"
+    );
+    for line in &printed {
+        for secret in [password, token, key.as_str(), almost.as_str()] {
+            assert!(!line.contains(secret), "a secret in the output: {line}");
+        }
+    }
+    Ok(())
+}
