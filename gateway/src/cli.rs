@@ -130,7 +130,7 @@ fn json_arg(raw: Option<&str>) -> anyhow::Result<Option<Value>> {
 }
 
 async fn tenant(cmd: TenantCommand, config: &Config) -> anyhow::Result<Value> {
-    let store = store::open(&config).await?;
+    let store = store::open(config).await?;
     let store = store.as_ref();
     Ok(match cmd {
         TenantCommand::Create { name, settings } => serde_json::to_value(
