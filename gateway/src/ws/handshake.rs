@@ -47,6 +47,39 @@ impl HandshakeParams {
     }
 }
 
+/// The parameters present and well-formed, before any lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Present {
+    /// The API key as sent.
+    pub api_key: String,
+    /// The user id as sent (checked after the key).
+    pub user_id: String,
+    /// The chat id as sent (a malformed one is reported as a chat not found).
+    pub chat_id: String,
+    /// `last_seq`, parsed.
+    pub last_seq: Option<u64>,
+}
+
+impl HandshakeParams {
+    /// The checks that need no lookup: the three parameters present, `last_seq` a number.
+    pub fn present(self) -> Result<Present, ApiError> {
+        Ok(Present {
+            api_key: required(self.api_key, "api_key", "X-API-Key")?,
+            user_id: required(self.user_id, "user_id", "X-User-ID")?,
+            chat_id: required(self.chat_id, "chat_id", "X-Chat-ID")?,
+            last_seq: self
+                .last_seq
+                .filter(|v| !v.is_empty())
+                .map(|v| v.trim().parse::<u64>())
+                .transpose()
+                .map_err(|_| ApiError::InvalidParam {
+                    name: "last_seq",
+                    reason: "must be a non-negative integer",
+                })?,
+        })
+    }
+}
+
 /// A socket that passed the handshake.
 pub struct Accepted {
     /// The key's tenant.
@@ -84,22 +117,17 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
             "gateway is draining",
         )));
     }
-    let api_key = required(params.api_key, "api_key", "X-API-Key")?;
-    let user_id = required(params.user_id, "user_id", "X-User-ID")?;
-    let raw_chat = required(params.chat_id, "chat_id", "X-Chat-ID")?;
-    let last_seq = params
-        .last_seq
-        .filter(|v| !v.is_empty())
-        .map(|v| v.trim().parse::<u64>())
-        .transpose()
-        .map_err(|_| ApiError::InvalidParam {
-            name: "last_seq",
-            reason: "must be a non-negative integer",
-        })?;
+    let client = params.client;
+    let Present {
+        api_key,
+        user_id,
+        chat_id: raw_chat,
+        last_seq,
+    } = params.present()?;
     let tenant = state
         .throttle
         .guard(
-            params.client,
+            client,
             crate::auth::tenant_for_key(&state.tenants, &api_key),
         )
         .await?;
