@@ -34,6 +34,8 @@ pub struct AppState {
     pub revocations: Arc<crate::revocation::Revocations>,
     /// Failed authentications per source address.
     pub throttle: Arc<crate::throttle::AuthThrottle>,
+    /// Chats' owners, checked before a connection slot is taken.
+    pub chat_owners: Arc<crate::ws::ChatOwners>,
     /// Handshakes checked at once (see [`HANDSHAKES_IN_FLIGHT`]).
     pub handshakes: Arc<tokio::sync::Semaphore>,
     draining: Arc<AtomicBool>,
@@ -66,6 +68,7 @@ impl AppState {
             tenants,
             shutdown,
             quotas: Arc::default(),
+            chat_owners: Arc::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT)),
             draining: Arc::new(AtomicBool::new(false)),
         }

@@ -80,6 +80,30 @@ impl HandshakeParams {
     }
 }
 
+/// Chats' owners as handshakes found them, so that a socket reconnecting to its chat costs no
+/// extra store query. A chat never changes tenant; a deleted chat's entry only lets the
+/// handshake go on to `join_chat`, which finds the chat gone.
+#[derive(Default)]
+pub struct ChatOwners(dashmap::DashMap<Uuid, Uuid>);
+
+/// Bound on remembered chats; past it the map starts over.
+const MAX_OWNERS: usize = 200_000;
+
+impl ChatOwners {
+    /// Whether `tenant` is known to own `chat`.
+    pub fn owns(&self, tenant: Uuid, chat: Uuid) -> bool {
+        self.0.get(&chat).is_some_and(|owner| *owner == tenant)
+    }
+
+    /// Remembers that `tenant` owns `chat`.
+    pub fn learn(&self, tenant: Uuid, chat: Uuid) {
+        if self.0.len() >= MAX_OWNERS {
+            self.0.clear();
+        }
+        self.0.insert(chat, tenant);
+    }
+}
+
 /// A socket that passed the handshake.
 pub struct Accepted {
     /// The key's tenant.
@@ -137,21 +161,22 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
     })?;
     let not_found = || ApiError::ChatNotFound(raw_chat.clone());
     let chat_id = Uuid::parse_str(&raw_chat).map_err(|_| not_found())?;
-    // The slot is taken first so that the chat check and the user's creation share one store
-    // round trip; a refused socket still reports a missing chat before the limit.
-    let max = tenant.settings.max_connections;
-    let Some(lease) = state
-        .limits
-        .acquire_connection(tenant.id, chat_id, max)
-        .await?
-    else {
+    // The chat's owner is checked before a slot is taken: a socket on someone else's chat
+    // must not count as open on it (it would hold off that chat's deletion).
+    if !state.chat_owners.owns(tenant.id, chat_id) {
         state
             .store
             .get_chat(tenant.id, chat_id)
             .await?
             .ok_or_else(not_found)?;
-        return Err(ApiError::ConnectionLimit(max));
-    };
+        state.chat_owners.learn(tenant.id, chat_id);
+    }
+    let max = tenant.settings.max_connections;
+    let lease = state
+        .limits
+        .acquire_connection(tenant.id, chat_id, max)
+        .await?
+        .ok_or(ApiError::ConnectionLimit(max))?;
     let user_created = state
         .store
         .join_chat(tenant.id, chat_id, &user_id)

@@ -11,7 +11,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 
 use crate::state::AppState;
 
-pub use handshake::{HandshakeParams, Present};
+pub use handshake::{ChatOwners, HandshakeParams, Present};
 
 /// Upgrades the connection and hands the socket to its own task.
 pub async fn ws_chat(

@@ -308,3 +308,80 @@ async fn the_same_client_message_id_through_two_gateways_is_answered_once() -> T
     assert_eq!(saved["total"], 2, "one message, one answer: {saved}");
     Ok(())
 }
+
+/// Connection counts in Redis heal from each gateway's own: after `FLUSHALL` (Redis forgets
+/// every slot) within a heartbeat, and after counts drifted (a release that never landed, a
+/// take whose answer was lost; here written into Redis by the test) within a full write-back
+/// (4 heartbeats of 1 s here). The test waits a little longer than each.
+#[tokio::test]
+async fn connection_counts_heal_after_flushall_and_drift() -> TestResult {
+    let redis = OwnRedis::start();
+    let db = TestDb::postgres().await;
+    let port = redis.port;
+    let app = start(&db.url, |c| {
+        use_redis(c);
+        c.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+    })
+    .await;
+    let key = app.tenant_with(json!({"max_connections": 2})).await;
+    let chat = app.chat_as(&key, "u1").await;
+    let mut first = open(app.port, &key, &chat, None).await;
+    first.until("connection_established").await;
+    let mut second = open(app.port, &key, &chat, None).await;
+    second.until("connection_established").await;
+    let path = format!("/api/v1/chats/{chat}");
+    let refused = |mut ws: Ws| async move {
+        let (events, _, _) = ws.events_then_close().await;
+        assert_error(&events[0], "CONNECTION_LIMIT");
+    };
+
+    let mut admin = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_multiplexed_async_connection()
+        .await?;
+    let () = redis::cmd("FLUSHALL").query_async(&mut admin).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    refused(open(app.port, &key, &chat, None).await).await;
+    assert_eq!(app.delete(&key, &path).await.status(), 409);
+
+    // Drift: the tenant's count says none, the chat's says nine.
+    let tenant_id = body(app.get(&key, &path).await).await["tenant_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let prefix = format!("test:{}:", db.url.rsplit('/').next().unwrap());
+    let tenant_key = format!("{prefix}conns:{tenant_id}");
+    let chat_key = format!("{prefix}chatconns:{chat}");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&tenant_key)
+        .query_async(&mut admin)
+        .await?;
+    assert_eq!(fields.len(), 1, "one gateway's field: {fields:?}");
+    let () = redis::cmd("HSET")
+        .arg(&tenant_key)
+        .arg(&fields[0])
+        .arg(0)
+        .query_async(&mut admin)
+        .await?;
+    let () = redis::cmd("HSET")
+        .arg(&chat_key)
+        .arg(&fields[0])
+        .arg(9)
+        .query_async(&mut admin)
+        .await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    refused(open(app.port, &key, &chat, None).await).await;
+    // Every socket closed: the chat can go.
+    first.inner.close(None).await?;
+    second.inner.close(None).await?;
+    let mut deleted = false;
+    for _ in 0..50 {
+        if app.delete(&key, &path).await.status() == 200 {
+            deleted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(deleted, "the chat stayed in use with every socket closed");
+    app.stop().await;
+    Ok(())
+}

@@ -6,17 +6,28 @@
 //! (`{prefix}alive:{gateway}`) alive with one `SET … PX` every third of `lease_ttl`, whatever
 //! its number of sockets. Counting (in one script, so gateways never race) adds the counts of
 //! live gateways and drops those of dead ones: the slots of a gateway that crashed free
-//! themselves within `lease_ttl`. Dropping a [`ConnectionLease`] gives its slot back at once.
+//! themselves within `lease_ttl`. Dropping a [`ConnectionLease`] gives its slot back at once
+//! (one task writes releases back in order, as the counts this gateway then holds).
+//!
+//! Counts heal: each gateway keeps its own sockets per tenant and per chat in memory (the
+//! truth) and writes them back to Redis with its heartbeat whenever Redis may have lost them:
+//! at once when its liveness key was gone (Redis restarted empty, `FLUSHALL`, or a lease that
+//! lapsed while Redis was unreachable), for the slots whose release or take did not get an
+//! answer (the release is retried that way), and all of them every
+//! [`FULL_REASSERT_EVERY`]th heartbeat. A count taken or given back while the write-back is on
+//! its way can be off by that one slot until the next full write-back.
 //!
 //! The scripts read the liveness keys of other gateways, which suits a single Redis (or a
 //! primary with replicas), not Redis Cluster.
 
 use std::{
-    sync::{Arc, Weak},
+    collections::HashSet,
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
 use async_trait::async_trait;
+use dashmap::DashMap;
 use redis::Script;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
@@ -32,15 +43,65 @@ const LIVE_SUM: &str = "local function live_sum(key, alive) \
          else redis.call('HDEL', key, f[i]) end \
        end return total end ";
 
+/// Heartbeats between two write-backs of every count this gateway holds (20 s with the default
+/// 15 s lease).
+pub const FULL_REASSERT_EVERY: u64 = 4;
+
+/// Commands per write-back pipeline.
+const REASSERT_CHUNK: usize = 512;
+
+/// One slot: a tenant's socket on a chat.
+type Slot = (Uuid, Uuid);
+
+/// This gateway's own sockets, the truth its counts in Redis are healed to.
+#[derive(Default)]
+struct Held {
+    tenants: DashMap<Uuid, u32>,
+    chats: DashMap<Uuid, u32>,
+    /// Slots whose take or release got no answer from Redis: written back at the next heartbeat.
+    unsure: Mutex<HashSet<Slot>>,
+}
+
+impl Held {
+    fn add(&self, (tenant, chat): Slot) {
+        *self.tenants.entry(tenant).or_default() += 1;
+        *self.chats.entry(chat).or_default() += 1;
+    }
+
+    fn remove(&self, (tenant, chat): Slot) {
+        fn down(map: &DashMap<Uuid, u32>, id: Uuid) {
+            map.remove_if_mut(&id, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+        }
+        down(&self.tenants, tenant);
+        down(&self.chats, chat);
+    }
+
+    fn mark_unsure(&self, slot: Slot) {
+        if let Ok(mut unsure) = self.unsure.lock() {
+            unsure.insert(slot);
+        }
+    }
+
+    fn take_unsure(&self) -> HashSet<Slot> {
+        self.unsure
+            .lock()
+            .map(|mut u| std::mem::take(&mut *u))
+            .unwrap_or_default()
+    }
+}
+
 /// Redis-backed [`Limits`].
 pub struct RedisLimits {
     redis: ConnectionManager,
     prefix: String,
     gateway: String,
     lease_ttl: Duration,
-    releases: mpsc::UnboundedSender<(Uuid, Uuid)>,
+    releases: mpsc::UnboundedSender<Slot>,
+    held: Arc<Held>,
     acquire: Script,
-    release: Script,
     count: Script,
     window: Script,
 }
@@ -55,14 +116,17 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Gives a slot back when the socket's lease is dropped.
+/// Gives a slot back when the socket's lease is dropped: at once in this gateway's own count,
+/// then in Redis.
 struct Release {
-    slot: (Uuid, Uuid),
-    tx: mpsc::UnboundedSender<(Uuid, Uuid)>,
+    slot: Slot,
+    held: Arc<Held>,
+    tx: mpsc::UnboundedSender<Slot>,
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
+        self.held.remove(self.slot);
         let _ = self.tx.send(self.slot);
     }
 }
@@ -84,16 +148,12 @@ impl RedisLimits {
             gateway: Uuid::new_v4().to_string(),
             lease_ttl,
             releases,
+            held: Arc::default(),
             acquire: Script::new(&format!(
                 "{LIVE_SUM} if live_sum(KEYS[1], ARGV[3]) >= tonumber(ARGV[1]) then return 0 end \
                  redis.call('HINCRBY', KEYS[1], ARGV[2], 1) redis.call('HINCRBY', KEYS[2], ARGV[2], 1) \
                  return 1"
             )),
-            release: Script::new(
-                "for _, key in ipairs(KEYS) do \
-                   if redis.call('HINCRBY', key, ARGV[1], -1) <= 0 then redis.call('HDEL', key, ARGV[1]) end \
-                 end return 1",
-            ),
             count: Script::new(&format!("{LIVE_SUM} return live_sum(KEYS[1], ARGV[1])")),
             window: Script::new(
                 "local c = redis.call('INCR', KEYS[1]) \
@@ -101,7 +161,7 @@ impl RedisLimits {
                  return {c, redis.call('PTTL', KEYS[1])}",
             ),
         });
-        limits.heartbeat().await?;
+        limits.heartbeat(0).await?;
         tokio::spawn(keeper(Arc::downgrade(&limits), rx));
         Ok(limits)
     }
@@ -122,29 +182,74 @@ impl RedisLimits {
         self.redis.clone()
     }
 
-    /// Marks this gateway alive for another `lease_ttl`.
-    async fn heartbeat(&self) -> Result<(), LimitsError> {
+    /// Marks this gateway alive for another `lease_ttl`, then writes its counts back where
+    /// Redis may have lost them (see the module doc). `beat` numbers the heartbeats.
+    async fn heartbeat(&self, beat: u64) -> Result<(), LimitsError> {
         let mut c = self.conn();
-        redis::cmd("SET")
+        let previous: Option<String> = redis::cmd("SET")
             .arg(format!("{}{}", self.alive_prefix(), self.gateway))
             .arg(1)
             .arg("PX")
             .arg(ms(self.lease_ttl))
-            .query_async::<()>(&mut c)
+            .arg("GET")
+            .query_async(&mut c)
             .await
-            .map_err(err)
+            .map_err(err)?;
+        let everything = previous.is_none() || beat % FULL_REASSERT_EVERY == 0;
+        let unsure = self.held.take_unsure();
+        if let Err(e) = self.write_back(everything, &unsure).await {
+            for slot in unsure {
+                self.held.mark_unsure(slot);
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
-    async fn give_back(&self, (tenant, chat): (Uuid, Uuid)) -> Result<(), LimitsError> {
+    /// Sets this gateway's field of each count to what it holds (every count, or only those of
+    /// `unsure` slots).
+    async fn write_back(
+        &self,
+        everything: bool,
+        unsure: &HashSet<Slot>,
+    ) -> Result<(), LimitsError> {
+        let count = |map: &DashMap<Uuid, u32>, id: &Uuid| map.get(id).map_or(0, |n| *n);
+        let mut fields: Vec<(String, u32)> = Vec::new();
+        if everything {
+            let tenants = self
+                .held
+                .tenants
+                .iter()
+                .map(|e| (self.tenant_key(*e.key()), *e.value()));
+            let chats = self
+                .held
+                .chats
+                .iter()
+                .map(|e| (self.chat_key(*e.key()), *e.value()));
+            fields.extend(tenants.chain(chats));
+        }
+        for (tenant, chat) in unsure {
+            fields.push((self.tenant_key(*tenant), count(&self.held.tenants, tenant)));
+            fields.push((self.chat_key(*chat), count(&self.held.chats, chat)));
+        }
         let mut c = self.conn();
-        self.release
-            .key(self.tenant_key(tenant))
-            .key(self.chat_key(chat))
-            .arg(&self.gateway)
-            .invoke_async::<i64>(&mut c)
-            .await
-            .map(drop)
-            .map_err(err)
+        for chunk in fields.chunks(REASSERT_CHUNK) {
+            let mut pipe = redis::pipe();
+            for (key, n) in chunk {
+                match n {
+                    0 => pipe.hdel(key, &self.gateway).ignore(),
+                    n => pipe.hset(key, &self.gateway, n).ignore(),
+                };
+            }
+            pipe.query_async::<()>(&mut c).await.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Gives a released slot back: this gateway's fields of the slot's counts set to what it
+    /// holds now (a count, not a decrement, so that a count that drifted heals too).
+    async fn give_back(&self, slot: Slot) -> Result<(), LimitsError> {
+        self.write_back(false, &HashSet::from([slot])).await
     }
 
     async fn live_count(&self, key: String) -> Result<u32, LimitsError> {
@@ -158,23 +263,27 @@ impl RedisLimits {
     }
 }
 
-/// Keeps this gateway alive every third of the lease time and gives released slots back.
-async fn keeper(limits: Weak<RedisLimits>, mut releases: mpsc::UnboundedReceiver<(Uuid, Uuid)>) {
+/// Keeps this gateway alive every third of the lease time and gives released slots back; a
+/// release that fails is retried by the next heartbeat's write-back.
+async fn keeper(limits: Weak<RedisLimits>, mut releases: mpsc::UnboundedReceiver<Slot>) {
     let period = limits
         .upgrade()
         .map_or(Duration::from_secs(5), |l| l.lease_ttl / 3);
     let mut tick = tokio::time::interval(period);
+    let mut beat = 0u64;
     loop {
         tokio::select! {
             released = releases.recv() => {
                 let (Some(slot), Some(l)) = (released, limits.upgrade()) else { return };
                 if let Err(e) = l.give_back(slot).await {
-                    tracing::warn!(error = %e, "could not give a connection slot back");
+                    l.held.mark_unsure(slot);
+                    tracing::warn!(error = %e, "could not give a connection slot back; retrying with the heartbeat");
                 }
             }
             _ = tick.tick() => {
                 let Some(l) = limits.upgrade() else { return };
-                if let Err(e) = l.heartbeat().await {
+                beat += 1;
+                if let Err(e) = l.heartbeat(beat).await {
                     tracing::warn!(error = %e, "could not renew this gateway's connection lease");
                 }
             }
@@ -191,6 +300,7 @@ impl Limits for RedisLimits {
         max: u32,
     ) -> Result<Option<ConnectionLease>, LimitsError> {
         let mut c = self.conn();
+        let slot = (tenant_id, chat_id);
         let taken: i64 = self
             .acquire
             .key(self.tenant_key(tenant_id))
@@ -200,12 +310,18 @@ impl Limits for RedisLimits {
             .arg(self.alive_prefix())
             .invoke_async(&mut c)
             .await
-            .map_err(err)?;
+            .map_err(|e| {
+                // The script may have run with its answer lost.
+                self.held.mark_unsure(slot);
+                err(e)
+            })?;
         if taken == 0 {
             return Ok(None);
         }
+        self.held.add(slot);
         Ok(Some(ConnectionLease::new(Release {
-            slot: (tenant_id, chat_id),
+            slot,
+            held: self.held.clone(),
             tx: self.releases.clone(),
         })))
     }
