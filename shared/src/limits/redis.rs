@@ -195,7 +195,7 @@ impl RedisLimits {
             .query_async(&mut c)
             .await
             .map_err(err)?;
-        let everything = previous.is_none() || beat % FULL_REASSERT_EVERY == 0;
+        let everything = previous.is_none() || beat.is_multiple_of(FULL_REASSERT_EVERY);
         let unsure = self.held.take_unsure();
         if let Err(e) = self.write_back(everything, &unsure).await {
             for slot in unsure {
