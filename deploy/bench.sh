@@ -4,6 +4,10 @@
 #   deploy/bench.sh ttft         # a steady 200 messages/s over 200 chats
 #   deploy/bench.sh idle [N] [K] # gateway memory per idle socket at N sockets over K chats (10000, 100)
 #   deploy/bench.sh storm [N] [K] # N sockets (10000) over K chats (100) dropped and resumed at once
+#   deploy/bench.sh fairness     # tenant B's time to first token (50 msg/s), alone and while tenant A
+#                                # fills the worker with slow answers (3,000 chats, 200 ms per token)
+#   deploy/bench.sh flood [R]    # R upgrades/s with made-up keys (5000) from 50 addresses: a real
+#                                # client's handshake p99 and a load run's tokens/s, alone and flooded
 # TOPOLOGY=distributed runs one gateway and one worker process on the local Redis and
 # PostgreSQL instead of the embedded gateway, and also reports Redis PUBLISH calls per token.
 # throughput also prints the CPU seconds each process used (gateway, worker, Redis, PostgreSQL,
@@ -79,5 +83,57 @@ case "$mode" in
   storm)
     $lg storm --url "http://127.0.0.1:$port" --sockets "${2:-10000}" --chats "${3:-100}" \
         --source-ips 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4 --report reports/storm.json ;;
+  fairness)
+    b() { $lg --url "http://127.0.0.1:$port" --sockets 50 --chats 50 --messages 20 --reply-tokens 20 --rate 50 --report "$1" >/dev/null; }
+    b reports/fair-alone.json
+    # A: each of 3,000 chats asks for a slow answer (50 tokens, 200 ms apart, 10 s): uncapped it
+    # takes every one of the worker's 1,024 slots; capped at the default 256 it leaves the rest.
+    # A is stopped once B's run is over.
+    a() { $lg --url "http://127.0.0.1:$port" --sockets 3000 --chats 3000 --messages 1 --reply-tokens 50 \
+            --token-delay-ms 200 --concurrent-answers "$1" --connect-concurrency 512 \
+            --source-ips 127.0.0.1,127.0.0.2 >/dev/null 2>&1; }
+    for cap in 256 100000; do
+      a "$cap" & ap=$!
+      sleep 10
+      b "reports/fair-busy-$cap.json"
+      kill $ap 2>/dev/null || true; wait $ap 2>/dev/null || true
+      sleep 12   # A's answers in progress end (10 s) before the next run
+    done
+    python3 - <<'PY'
+import json
+r = lambda n: json.load(open(f"reports/{n}.json"))["ttft_ms"]
+alone, busy, uncapped = r("fair-alone"), r("fair-busy-256"), r("fair-busy-100000")
+print(json.dumps({"b_ttft_ms": {"alone": alone, "a_busy_capped": busy, "a_busy_uncapped": uncapped},
+                  "p99_ratio_capped": round(busy["p99"] / alone["p99"], 2),
+                  "p99_ratio_uncapped": round(uncapped["p99"] / alone["p99"], 2)}, indent=2))
+PY
+    ;;
+  flood)
+    rate=${2:-5000}
+    ips=$(seq -s, -f '127.0.2.%g' 1 50)
+    load() { $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 20 --reply-tokens 50 --report "$1" >/dev/null; }
+    $lg flood --url "http://127.0.0.1:$port" --rate 0 --duration 10 --report reports/flood-alone.json >/dev/null
+    $lg flood --url "http://127.0.0.1:$port" --rate "$rate" --duration 20 --source-ips "$ips" --report reports/flood.json >/dev/null
+    load reports/flood-load-alone.json
+    $lg flood --url "http://127.0.0.1:$port" --rate "$rate" --duration 60 --source-ips "$ips" --report reports/flood-beside-load.json >/dev/null &
+    fl=$!
+    sleep 3
+    load reports/flood-load.json
+    kill $fl 2>/dev/null || true; wait $fl 2>/dev/null || true
+    python3 - <<'PY'
+import json
+r = lambda n: json.load(open(f"reports/{n}.json"))
+alone, flood = r("flood-alone"), r("flood")
+la, lf = r("flood-load-alone"), r("flood-load")
+print(json.dumps({
+    "flood_rate_achieved": round(flood["flood"]["achieved_rate"]),
+    "flood_outcomes": flood["flood"]["outcomes"],
+    "real_handshake_p99_ms": {"alone": alone["real_handshake_ms"]["p99"], "flooded": flood["real_handshake_ms"]["p99"]},
+    "real_handshake_p50_ms": {"alone": alone["real_handshake_ms"]["p50"], "flooded": flood["real_handshake_ms"]["p50"]},
+    "tokens_per_second": {"alone": round(la["tokens_per_second"]), "flooded": round(lf["tokens_per_second"]),
+                          "ratio": round(lf["tokens_per_second"] / la["tokens_per_second"], 3)},
+}, indent=2))
+PY
+    ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

@@ -77,6 +77,11 @@ pub enum ApiError {
         /// How long until the next message is accepted.
         retry_after_ms: u64,
     },
+    /// The tenant's messages waiting for an answer are at its `max_queued_messages`.
+    #[error(
+        "{0} messages of this tenant are waiting for an answer, the most its settings allow; retry once some are answered"
+    )]
+    BacklogFull(u32),
     /// The tenant's daily token quota is spent.
     #[error("The daily quota of {0} tokens is spent; it renews at midnight UTC")]
     QuotaExceeded(u64),
@@ -148,7 +153,8 @@ impl ApiError {
             Self::ConnectionLimit(_) => ErrorCode::ConnectionLimit,
             Self::RateLimited { .. }
             | Self::TooManyMessages { .. }
-            | Self::AuthThrottled { .. } => ErrorCode::RateLimited,
+            | Self::AuthThrottled { .. }
+            | Self::BacklogFull(_) => ErrorCode::RateLimited,
             Self::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
             Self::ResumeUnavailable { .. } => ErrorCode::ResumeUnavailable,
             Self::Unauthorized => ErrorCode::Unauthorized,
@@ -175,6 +181,12 @@ impl ApiError {
             | Self::AuthThrottled { retry_after_secs } => ErrorDetails {
                 retry_after_ms: Some(retry_after_secs * 1000),
                 ..ErrorDetails::fix(ErrorCode::RateLimited.default_fix())
+            },
+            Self::BacklogFull(_) => ErrorDetails {
+                retry_after_ms: Some(1_000),
+                ..ErrorDetails::fix(
+                    "Wait for answers to arrive before sending more, or raise the tenant's max_queued_messages",
+                )
             },
             Self::TooManyMessages { retry_after_ms, .. } => ErrorDetails {
                 retry_after_ms: Some(*retry_after_ms),
@@ -220,7 +232,8 @@ impl ResponseError for ApiError {
             Self::ConnectionLimit(_)
             | Self::RateLimited { .. }
             | Self::TooManyMessages { .. }
-            | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | Self::AuthThrottled { .. }
+            | Self::BacklogFull(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::ResumeUnavailable { .. } => StatusCode::GONE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

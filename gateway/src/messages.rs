@@ -86,7 +86,7 @@ pub async fn accept(
     message: NewMessage,
 ) -> Result<Outcome, ApiError> {
     count_frame(sender.limiter, sender.per_second)?;
-    check_quota(state, sender.tenant_id).await?;
+    check_tenant_limits(state, sender.tenant_id).await?;
     let span = tracing::debug_span!(
         target: trace::TARGET,
         "message",
@@ -99,17 +99,21 @@ pub async fn accept(
         .await
 }
 
-/// Refuses the message when the tenant's daily token quota is spent.
-async fn check_quota(state: &AppState, tenant_id: Uuid) -> Result<(), ApiError> {
+/// Refuses the message when the tenant's daily token quota is spent, or when as many of its
+/// messages as `max_queued_messages` allows already wait for an answer (nothing is saved then).
+async fn check_tenant_limits(state: &AppState, tenant_id: Uuid) -> Result<(), ApiError> {
     let Some(tenant) = state.tenants.by_id(tenant_id).await? else {
         return Ok(());
     };
-    let Some(quota) = tenant.settings.daily_token_quota else {
-        return Ok(());
-    };
-    let store = state.store.as_ref();
-    if state.quotas.exhausted(store, tenant_id, quota).await? {
-        return Err(ApiError::QuotaExceeded(quota));
+    if let Some(quota) = tenant.settings.daily_token_quota {
+        let store = state.store.as_ref();
+        if state.quotas.exhausted(store, tenant_id, quota).await? {
+            return Err(ApiError::QuotaExceeded(quota));
+        }
+    }
+    let limit = tenant.settings.max_queued_messages;
+    if state.broker.backlog(tenant_id).await? >= u64::from(limit) {
+        return Err(ApiError::BacklogFull(limit));
     }
     Ok(())
 }

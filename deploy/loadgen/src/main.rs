@@ -7,9 +7,11 @@
 //! equal to its tokens). The report gives ack latency and time to first token (p50/p99), tokens
 //! per second delivered to all sockets, and protocol violations. `--idle` only holds sockets
 //! open, for memory measurements. `loadgen drill` runs fault drills instead ([`drill`]),
-//! `loadgen storm` a resume storm ([`storm`]).
+//! `loadgen storm` a resume storm ([`storm`]), `loadgen flood` a handshake flood with made-up
+//! keys beside a real client ([`flood`]).
 
 mod drill;
+mod flood;
 mod setup;
 mod socket;
 mod stats;
@@ -52,6 +54,12 @@ pub struct Args {
     /// Tokens per answer (mock model option, set on the created tenant).
     #[arg(long, default_value_t = 50)]
     pub reply_tokens: u32,
+    /// Milliseconds between answer tokens (mock model option): slow answers hold worker slots.
+    #[arg(long, default_value_t = 0)]
+    pub token_delay_ms: u64,
+    /// The created tenant's `max_concurrent_answers` (answers at once per worker).
+    #[arg(long, default_value_t = 100_000)]
+    pub concurrent_answers: u32,
     /// Only open the sockets and hold them this many seconds (no messages).
     #[arg(long)]
     pub idle: Option<u64>,
@@ -90,6 +98,8 @@ enum Command {
     Drill(drill::DrillArgs),
     /// A resume storm: N sockets dropped and reconnected at once with `last_seq`.
     Storm(storm::StormArgs),
+    /// A handshake flood with made-up keys, with a real client's handshakes timed beside it.
+    Flood(flood::FloodArgs),
 }
 
 #[tokio::main]
@@ -98,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Drill(args)) => drill::run(args).await,
         Some(Command::Storm(args)) => storm::run(args).await,
+        Some(Command::Flood(args)) => flood::run(args).await,
         None => load(cli.load).await,
     }
 }

@@ -33,7 +33,12 @@ pub async fn prepare(args: &Args) -> anyhow::Result<Target> {
                 "max_connections": args.sockets + 100,
                 "messages_per_second": 10_000,
                 "requests_per_minute": 1_000_000,
-                "agent": {"provider": "mock", "options": {"reply_tokens": args.reply_tokens}},
+                "max_concurrent_answers": args.concurrent_answers,
+                "max_queued_messages": 1_000_000,
+                "agent": {"provider": "mock", "options": {
+                    "reply_tokens": args.reply_tokens,
+                    "token_delay_ms": args.token_delay_ms,
+                }},
             });
             create_tenant(&http, &args.url, token, "loadgen", settings).await?
         }

@@ -97,6 +97,8 @@ pub struct MemoryBroker {
     publishes: AtomicU64,
     store: Arc<dyn Store>,
     cancels: broadcast::Sender<Uuid>,
+    /// Messages queued and not acknowledged, by tenant.
+    backlog: DashMap<Uuid, u64>,
 }
 
 impl MemoryBroker {
@@ -106,6 +108,7 @@ impl MemoryBroker {
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
         let d = &config.delivery;
         Self {
+            backlog: DashMap::new(),
             jobs_tx,
             jobs_rx: Mutex::new(jobs_rx),
             next_id: AtomicU64::new(1),
@@ -188,6 +191,7 @@ impl MemoryBroker {
 #[async_trait]
 impl JobQueue for MemoryBroker {
     async fn enqueue(&self, job: Job) -> Result<(), BrokerError> {
+        *self.backlog.entry(job.tenant_id).or_default() += 1;
         self.jobs_tx
             .send(job)
             .await
@@ -204,9 +208,17 @@ impl JobQueue for MemoryBroker {
         }))
     }
 
-    async fn ack(&self, _delivery: &Delivery) -> Result<(), BrokerError> {
-        // A job leaves the in-process queue when it is delivered; nothing to acknowledge.
+    async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        // A job leaves the in-process queue when it is delivered; only the backlog counts it.
+        self.backlog.remove_if_mut(&delivery.job.tenant_id, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
         Ok(())
+    }
+
+    async fn backlog(&self, tenant_id: Uuid) -> Result<u64, BrokerError> {
+        Ok(self.backlog.get(&tenant_id).map_or(0, |n| *n))
     }
 }
 

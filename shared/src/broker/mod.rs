@@ -94,6 +94,8 @@ pub trait JobQueue: Send + Sync + 'static {
     }
     /// Marks a job done so that it is never delivered again.
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError>;
+    /// The tenant's messages queued and not yet answered (acknowledged), all processes together.
+    async fn backlog(&self, tenant_id: Uuid) -> Result<u64, BrokerError>;
     /// Whether the message has a job queued or in a worker's hands (the unanswered sweep
     /// queues a message again only when it has none).
     async fn has_live_job(&self, _message_id: &str) -> Result<bool, BrokerError> {

@@ -15,6 +15,12 @@ pub struct TenantSettings {
     pub messages_per_second: u32,
     /// REST requests per minute, across all gateways.
     pub requests_per_minute: u32,
+    /// Answers of this tenant streamed at once by one worker process; its other chats wait for
+    /// a slot while other tenants' chats start at once (the workers' fairness between tenants).
+    pub max_concurrent_answers: u32,
+    /// Messages saved and waiting for their answer, all gateways together; one more is refused
+    /// with `RATE_LIMITED` and not saved.
+    pub max_queued_messages: u32,
     /// The model that answers this tenant's chats.
     pub agent: AgentSettings,
     /// Model tokens (prompt and answer) the tenant may use per UTC day; none: no quota.
@@ -28,6 +34,8 @@ impl Default for TenantSettings {
             max_connections: 50,
             messages_per_second: 10,
             requests_per_minute: 100,
+            max_concurrent_answers: 256,
+            max_queued_messages: 1_000,
             agent: AgentSettings::default(),
             daily_token_quota: None,
         }
@@ -84,6 +92,18 @@ impl TenantSettings {
         within(
             "requests_per_minute",
             self.requests_per_minute,
+            1,
+            1_000_000,
+        )?;
+        within(
+            "max_concurrent_answers",
+            self.max_concurrent_answers,
+            1,
+            100_000,
+        )?;
+        within(
+            "max_queued_messages",
+            self.max_queued_messages,
             1,
             1_000_000,
         )?;

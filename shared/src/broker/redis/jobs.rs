@@ -11,6 +11,9 @@ use crate::broker::{BrokerError, ChatLog, Delivery, JobQueue, PublishOptions};
 use crate::metrics::metrics;
 use crate::protocol::{ErrorCode, Job, ServerEvent};
 
+/// How long a waiting message counts in its tenant's backlog at most (an hour).
+const BACKLOG_STALE_MS: i64 = 3_600_000;
+
 impl RedisBroker {
     /// Whether it is time to look for jobs left by silent workers (twice per reclaim period).
     fn reclaim_due(&self) -> bool {
@@ -249,6 +252,7 @@ impl JobQueue for RedisBroker {
             .key(self.key(&format!("chatjobs:{}", delivery.job.chat_id)))
             .key(self.key("jobs"))
             .key(self.queued_key(&delivery.job.message_id))
+            .key(self.backlog_key(delivery.job.tenant_id))
             .arg(&delivery.id)
             .arg(delivery.seq)
             .arg(GROUP)
@@ -261,6 +265,21 @@ impl JobQueue for RedisBroker {
         }
         self.acked.insert(delivery.job.chat_id, delivery.seq);
         Ok(())
+    }
+
+    async fn backlog(&self, tenant_id: uuid::Uuid) -> Result<u64, BrokerError> {
+        // Entries older than BACKLOG_STALE are forgotten: a job Redis lost, or one whose
+        // acknowledgement never came, cannot hold a tenant's backlog full for good.
+        let stale = chrono::Utc::now().timestamp_millis() - BACKLOG_STALE_MS;
+        let key = self.backlog_key(tenant_id);
+        let (_, count): (i64, u64) = redis::pipe()
+            .atomic()
+            .zrembyscore(&key, "-inf", stale)
+            .zcard(&key)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(count)
     }
 
     async fn lead_sweep(&self, period: Duration) -> Result<bool, BrokerError> {

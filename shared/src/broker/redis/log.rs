@@ -118,13 +118,15 @@ pub(super) fn publish_script() -> Script {
 /// The enqueue script: appends the announcement (count and frames from ARGV[12]) as [`publish_script`]
 /// does, then queues the job (ARGV[10], its chat ARGV[11]) with the chat's next job number and
 /// adds that number to the chat's outstanding jobs. Extra KEYS: the chat's job counter, the job
-/// stream, the message's `queued` marker, the chat's outstanding jobs.
+/// stream, the message's `queued` marker, the chat's outstanding jobs, the tenant's backlog
+/// (the `queued` markers of its waiting messages, by time).
 pub(super) fn enqueue_script() -> Script {
     Script::new(&format!(
         "{APPEND_LUA} local r = append(12, true) if r < 0 then return r end \
          local n = redis.call('INCR', KEYS[5]) redis.call('EXPIRE', KEYS[5], 604800) \
          redis.call('XADD', KEYS[6], '*', 'job', ARGV[10], 'seq', n, 'chat', ARGV[11]) \
          redis.call('ZADD', KEYS[8], n, n) redis.call('EXPIRE', KEYS[8], 604800) \
+         redis.call('ZADD', KEYS[9], ARGV[4], KEYS[7]) redis.call('EXPIRE', KEYS[9], 86400) \
          redis.call('SET', KEYS[7], 1, 'EX', 86400) return r"
     ))
 }
@@ -237,6 +239,7 @@ impl RedisBroker {
                     .key(self.key("jobs"))
                     .key(self.queued_key(&e.job.message_id))
                     .key(self.key(&format!("chatjobs:{}", e.job.chat_id)))
+                    .key(self.backlog_key(e.job.tenant_id))
                     .arg(&e.payload)
                     .arg(e.job.chat_id.to_string());
             }

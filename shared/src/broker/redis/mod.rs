@@ -172,7 +172,7 @@ impl RedisBroker {
                 read: log::read_script(),
                 ack: Script::new(
                     "redis.call('ZREM', KEYS[1], ARGV[2]) \
-                     redis.call('DEL', KEYS[3]) \
+                     redis.call('DEL', KEYS[3]) redis.call('ZREM', KEYS[4], KEYS[3]) \
                      redis.call('XACK', KEYS[2], ARGV[3], ARGV[1]) redis.call('XDEL', KEYS[2], ARGV[1]) return 1",
                 ),
             },
@@ -242,6 +242,12 @@ impl RedisBroker {
         )
         .await?;
         Ok(())
+    }
+
+    /// A tenant's waiting messages (their `queued` markers scored by enqueue time), counted
+    /// against its `max_queued_messages`.
+    fn backlog_key(&self, tenant_id: Uuid) -> String {
+        self.key(&format!("backlog:{tenant_id}"))
     }
 
     /// The marker that a message has a job queued or in a worker's hands.
