@@ -114,12 +114,17 @@ PY
     load() { $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 20 --reply-tokens 50 --report "$1" >/dev/null; }
     $lg flood --url "http://127.0.0.1:$port" --rate 0 --duration 10 --report reports/flood-alone.json >/dev/null
     $lg flood --url "http://127.0.0.1:$port" --rate "$rate" --duration 20 --source-ips "$ips" --report reports/flood.json >/dev/null
+    c0=$(cpu_s $gw)
     load reports/flood-load-alone.json
+    c1=$(cpu_s $gw)
     $lg flood --url "http://127.0.0.1:$port" --rate "$rate" --duration 60 --source-ips "$ips" --report reports/flood-beside-load.json >/dev/null &
     fl=$!
     sleep 3
+    c2=$(cpu_s $gw)
     load reports/flood-load.json
+    c3=$(cpu_s $gw)
     kill $fl 2>/dev/null || true; wait $fl 2>/dev/null || true
+    echo "$c0 $c1 $c2 $c3" | awk '{printf "gateway cpu seconds: load alone %.2f, load while flooded %.2f\n", $2 - $1, $4 - $3}'
     python3 - <<'PY'
 import json
 r = lambda n: json.load(open(f"reports/{n}.json"))

@@ -119,9 +119,14 @@ impl AuthThrottle {
             Err(not_until) => Some(not_until.wait_time_from(DefaultClock::default().now())),
         };
         if let Some(wait) = blocked_for {
-            self.blocked
-                .insert(key, Instant::now() + wait.max(Duration::from_secs(1)));
-            tracing::warn!(address = %key, "failed authentications throttled");
+            let now = Instant::now();
+            let before = self
+                .blocked
+                .insert(key, now + wait.max(Duration::from_secs(1)));
+            // Once per block, not once per attempt that was already on its way.
+            if before.is_none_or(|until| until <= now) {
+                tracing::warn!(address = %key, "failed authentications throttled");
+            }
         }
         if self.limiter.len() > MAX_TRACKED {
             self.limiter.retain_recent();

@@ -6,7 +6,8 @@
 //! `--source-ips`; each is read until the server closes it. Meanwhile a real client opens a
 //! socket with a valid key every `--probe-ms` and times its handshake, from the TCP connect to
 //! `connection_established`. The report gives the flood's achieved rate and how it was refused
-//! (`AUTH_ERROR`, `RATE_LIMITED` once an address is throttled, other), and the real
+//! (`AUTH_ERROR` after the upgrade, `HTTP 429` before it once an address is throttled, other),
+//! and the real
 //! handshakes' p50/p99/max. `--rate 0` measures the real handshakes alone, for comparison.
 
 use std::{
@@ -128,11 +129,19 @@ async fn flood(
 
 /// The error code a made-up upgrade was refused with (or what went wrong instead).
 async fn refused_with(url: &str, source: IpAddr) -> String {
-    let Ok(Ok(mut ws)) =
-        tokio::time::timeout(Duration::from_secs(10), connect_from(url, source)).await
-    else {
-        return "connect_failed".into();
-    };
+    let mut ws =
+        match tokio::time::timeout(Duration::from_secs(10), connect_from(url, source)).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(e)) => {
+                return match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+                    Some(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+                        format!("HTTP {}", res.status().as_u16())
+                    }
+                    _ => "connect_failed".into(),
+                };
+            }
+            Err(_) => return "connect_timed_out".into(),
+        };
     let mut code = String::from("closed_without_error");
     while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
         match msg {
