@@ -362,11 +362,7 @@ async fn gateway_and_worker_ride_out_a_redis_restart() -> TestResult {
     let mut redis = OwnRedis::start();
     let db = TestDb::postgres().await;
     let port = redis.port;
-    let app = start(&db.url, |c| {
-        use_redis(c);
-        c.redis_url = Some(format!("redis://127.0.0.1:{port}"));
-    })
-    .await;
+    let app = start_on_redis(&db.url, port).await;
     let chat = app.chat("u1").await;
     wait_ready(&app, 200).await;
 

@@ -14,11 +14,8 @@ async fn user_messages(app: &TestApp, key: &str, chat: &str) -> Vec<String> {
             .await,
     )
     .await;
-    page["messages"]
-        .as_array()
-        .unwrap()
+    by_role(&page, "user")
         .iter()
-        .filter(|m| m["sender_role"] == "user")
         .map(|m| m["content"].as_str().unwrap().to_owned())
         .collect()
 }
@@ -103,12 +100,7 @@ async fn a_tenant_filling_the_workers_with_slow_answers_does_not_hold_up_another
                 .await,
         )
         .await;
-        let answers = page["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["sender_role"] == "assistant")
-            .count();
+        let answers = by_role(&page, "assistant").len();
         assert_eq!(
             answers, 0,
             "a 3 s answer ended before the other tenant's instant one"

@@ -205,12 +205,7 @@ async fn acknowledged_messages_survive_redis_restarted_empty() -> TestResult {
     loop {
         let saved = saved(&gw, &gw.api_key, &chat).await;
         if saved["total"] == 6 {
-            let answers = saved["messages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|m| m["sender_role"] == "assistant")
-                .count();
+            let answers = by_role(&saved, "assistant").len();
             assert_eq!(
                 answers, 3,
                 "each acknowledged message answered once: {saved}"
@@ -318,11 +313,7 @@ async fn connection_counts_heal_after_flushall_and_drift() -> TestResult {
     let redis = OwnRedis::start();
     let db = TestDb::postgres().await;
     let port = redis.port;
-    let app = start(&db.url, |c| {
-        use_redis(c);
-        c.redis_url = Some(format!("redis://127.0.0.1:{port}"));
-    })
-    .await;
+    let app = start_on_redis(&db.url, port).await;
     let key = app.tenant_with(json!({"max_connections": 2})).await;
     let chat = app.chat_as(&key, "u1").await;
     let mut first = open(app.port, &key, &chat, None).await;

@@ -496,6 +496,25 @@ pub fn tokens_of(events: &[Value]) -> String {
         .collect()
 }
 
+/// The messages of a `GET …/messages` page sent by `role` (`user` or `assistant`).
+pub fn by_role<'a>(page: &'a Value, role: &str) -> Vec<&'a Value> {
+    page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter(|m| m["sender_role"] == role)
+        .collect()
+}
+
+/// The app on an existing database, distributed on the Redis at `port` (a test's own).
+pub async fn start_on_redis(db_url: &str, port: u16) -> TestApp {
+    start(db_url, |c| {
+        use_redis(c);
+        c.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+    })
+    .await
+}
+
 /// A response's JSON body.
 pub async fn body(res: reqwest::Response) -> Value {
     res.json().await.expect("json body")
