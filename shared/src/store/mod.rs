@@ -10,6 +10,7 @@ mod model;
 mod pg_batch;
 pub mod postgres;
 mod rows;
+mod sql;
 pub mod sqlite;
 mod sqlite_writer;
 
