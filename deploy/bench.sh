@@ -111,13 +111,17 @@ PY
   flood)
     rate=${2:-5000}
     ips=$(seq -s, -f '127.0.2.%g' 1 50)
-    load() { $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 20 --reply-tokens 50 --report "$1" >/dev/null; }
-    $lg flood --url "http://127.0.0.1:$port" --rate 0 --duration 10 --report reports/flood-alone.json >/dev/null
-    $lg flood --url "http://127.0.0.1:$port" --rate "$rate" --duration 20 --source-ips "$ips" --report reports/flood.json >/dev/null
+    # FLOOD_PIN=1 (with GATEWAY_WRAP="taskset -c 0") keeps the flooder on CPU 1 and the gateway
+    # and the load on CPU 0, so that the ratio shows the gateway's cost, not the flooder's.
+    pl=; pf=
+    if [ -n "${FLOOD_PIN:-}" ]; then pl="taskset -c 0"; pf="taskset -c 1"; fi
+    load() { $pl $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 20 --reply-tokens 50 --report "$1" >/dev/null; }
+    $pf $lg flood --url "http://127.0.0.1:$port" --rate 0 --duration 10 --report reports/flood-alone.json >/dev/null
+    $pf $lg flood --url "http://127.0.0.1:$port" --rate "$rate" --duration 20 --source-ips "$ips" --report reports/flood.json >/dev/null
     c0=$(cpu_s $gw)
     load reports/flood-load-alone.json
     c1=$(cpu_s $gw)
-    $lg flood --url "http://127.0.0.1:$port" --rate "$rate" --duration 60 --source-ips "$ips" --report reports/flood-beside-load.json >/dev/null &
+    $pf $lg flood --url "http://127.0.0.1:$port" --rate "$rate" --duration 60 --source-ips "$ips" --report reports/flood-beside-load.json >/dev/null &
     fl=$!
     sleep 3
     c2=$(cpu_s $gw)
