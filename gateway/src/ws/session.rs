@@ -62,9 +62,11 @@ pub fn run(
     }
 }
 
-/// The handshake, bounded: the turn and the checks together take at most
+/// The handshake, bounded: an address throttled for failed authentications is refused before
+/// it waits for a turn, and the turn and the checks together take at most
 /// `auth.handshake_timeout_secs` (a flood cannot queue real clients without bound).
 async fn checked(state: &AppState, params: HandshakeParams) -> Result<Accepted, ApiError> {
+    state.throttle.check(params.client)?;
     let limit = Duration::from_secs(state.config.auth.handshake_timeout_secs.max(1));
     let handshake = async {
         let _turn = state.handshakes.acquire().await;

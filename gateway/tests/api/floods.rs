@@ -65,19 +65,12 @@ async fn failed_authentications_are_throttled_per_address_on_rest_sockets_and_ad
     }
     // Out of allowance: refused before any lookup, whatever the key.
     assert_throttled(get_chat(&guesser, &app, &app.api_key, &chat).await).await;
-    // A socket from there is refused before the upgrade: a plain 429.
-    let upgrade = client_from("127.0.0.2")
-        .get(app.url(&format!(
-            "/ws/chat?api_key={}&user_id=u&chat_id={chat}",
-            app.api_key
-        )))
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await?;
-    assert_throttled(upgrade).await;
+    // A socket from there is told why, after the upgrade as every handshake failure is.
+    let mut ws = Ws::open_from("127.0.0.2", app.ws_request(&app.api_key, "u", &chat)).await;
+    let (events, code, _) = ws.events_then_close().await;
+    assert_error(&events[0], "RATE_LIMITED");
+    assert!(events[0]["details"]["retry_after_ms"].as_u64().unwrap() >= 1000);
+    assert_eq!(code, 1008);
     // Every other address is served as before.
     assert_eq!(
         get_chat(&app.http, &app, &app.api_key, &chat)
@@ -201,8 +194,7 @@ async fn a_stalled_upgrade_is_dropped_after_the_handshake_timeout() -> TestResul
 
 /// A flood of upgrades with made-up keys from many tasks at other addresses, while a real
 /// client connects again and again: each real handshake completes, and the flood is refused
-/// (`AUTH_ERROR` after the upgrade, then HTTP 429 before it once an address is out of
-/// allowance).
+/// (`AUTH_ERROR`, then `RATE_LIMITED` once its address is out of allowance).
 #[tokio::test]
 async fn a_flood_of_made_up_keys_does_not_hold_up_a_real_clients_handshake() -> TestResult {
     let app = spawn_app().await;
@@ -216,10 +208,7 @@ async fn a_flood_of_made_up_keys_does_not_hold_up_a_real_clients_handshake() -> 
             let mut refused = std::collections::BTreeSet::new();
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let source = format!("127.0.1.{}", n + 1);
-                let Some(mut ws) = Ws::try_open_from(&source, req.clone()).await else {
-                    refused.insert("HTTP 429".to_owned());
-                    continue;
-                };
+                let mut ws = Ws::open_from(&source, req.clone()).await;
                 let (events, code, _) = ws.events_then_close().await;
                 assert_eq!(code, 1008);
                 refused.insert(events[0]["error_code"].as_str().unwrap().to_owned());
@@ -240,9 +229,11 @@ async fn a_flood_of_made_up_keys_does_not_hold_up_a_real_clients_handshake() -> 
     while let Some(refused) = flood.join_next().await {
         codes.extend(refused?);
     }
-    assert!(codes.contains("HTTP 429"), "{codes:?}");
+    assert!(codes.contains("RATE_LIMITED"), "{codes:?}");
     assert!(
-        codes.iter().all(|c| c == "HTTP 429" || c == "AUTH_ERROR"),
+        codes
+            .iter()
+            .all(|c| c == "RATE_LIMITED" || c == "AUTH_ERROR"),
         "{codes:?}"
     );
     Ok(())

@@ -393,16 +393,6 @@ impl Ws {
         source: &str,
         req: tokio_tungstenite::tungstenite::handshake::client::Request,
     ) -> Ws {
-        Self::try_open_from(source, req)
-            .await
-            .expect("websocket connects")
-    }
-
-    /// As [`Ws::open_from`]; `None` when the server answered 429 instead of upgrading.
-    pub async fn try_open_from(
-        source: &str,
-        req: tokio_tungstenite::tungstenite::handshake::client::Request,
-    ) -> Option<Ws> {
         let port = req.uri().port_u16().expect("port");
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket
@@ -412,11 +402,10 @@ impl Ws {
             .connect(([127, 0, 0, 1], port).into())
             .await
             .expect("connect");
-        match tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)).await {
-            Ok((inner, _)) => Some(Ws { inner }),
-            Err(tokio_tungstenite::tungstenite::Error::Http(res)) if res.status() == 429 => None,
-            Err(e) => panic!("websocket connects: {e}"),
-        }
+        let (inner, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("websocket connects");
+        Ws { inner }
     }
 
     pub async fn send_json(&mut self, v: Value) {
