@@ -38,6 +38,22 @@ pub enum ApiError {
     /// The API key matches no tenant (401).
     #[error("Invalid API key")]
     InvalidKey,
+    /// A client token that is malformed, forged, of a deleted tenant or an older key, or
+    /// expired (401).
+    #[error("Invalid or expired token")]
+    InvalidToken(#[source] Option<jsonwebtoken::errors::Error>),
+    /// A client token was sent where only the API key will do (401).
+    #[error(
+        "This call needs the tenant API key (X-API-Key); a client token only reads its own user's chats and messages"
+    )]
+    KeyRequired,
+    /// A client token used beyond its grant: another user's chats, or a chat it is not bound
+    /// to (403 on REST; `AUTH_ERROR` and close 1008 on a socket).
+    #[error("{0}")]
+    TokenScope(String),
+    /// The socket's `Origin` is not in the tenant's `allowed_origins` (close 1008).
+    #[error("Origin '{0}' is not allowed for this tenant (settings.allowed_origins)")]
+    OriginNotAllowed(String),
     /// The key a socket authenticated with was rotated, or its tenant deleted (close 1008).
     #[error(
         "The API key was revoked (rotated, or its tenant deleted); reconnect with a current key"
@@ -146,6 +162,10 @@ impl ApiError {
             | Self::MissingParam { .. }
             | Self::InvalidParam { .. }
             | Self::InvalidKey
+            | Self::InvalidToken(_)
+            | Self::KeyRequired
+            | Self::TokenScope(_)
+            | Self::OriginNotAllowed(_)
             | Self::KeyRevoked => ErrorCode::AuthError,
             Self::ChatNotFound(_) => ErrorCode::ChatNotFound,
             Self::NotFound(_) => ErrorCode::NotFound,
@@ -172,8 +192,17 @@ impl ApiError {
             Self::MissingParam { name, header } => ErrorDetails::fix(format!(
                 "Add {name} parameter: ?{name}=your_{name} or {header} header"
             )),
-            Self::MissingKey => {
-                ErrorDetails::fix("Send your tenant API key in the X-API-Key header")
+            Self::MissingKey => ErrorDetails::fix(
+                "Send your tenant API key in the X-API-Key header, or a client token as Authorization: Bearer <token> (reads only)",
+            ),
+            Self::InvalidToken(_) => ErrorDetails::fix(
+                "Mint a new token with POST /api/v1/tokens (tokens expire, and a key rotation revokes them)",
+            ),
+            Self::KeyRequired => {
+                ErrorDetails::fix("Make this call from your backend with the X-API-Key header")
+            }
+            Self::OriginNotAllowed(_) => {
+                ErrorDetails::fix("Add the page's origin to the tenant's settings.allowed_origins")
             }
             Self::RateLimited {
                 retry_after_secs, ..
@@ -225,8 +254,11 @@ impl ResponseError for ApiError {
             Self::MissingKey
             | Self::MissingParam { .. }
             | Self::InvalidKey
+            | Self::InvalidToken(_)
+            | Self::KeyRequired
             | Self::KeyRevoked
             | Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::TokenScope(_) | Self::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ChatNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::ChatInUse | Self::NameTaken(_) => StatusCode::CONFLICT,
             Self::ConnectionLimit(_)

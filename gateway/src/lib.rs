@@ -7,10 +7,14 @@
 //! - [`auth`], [`tenants`]: keys, the admin token, tenant operations shared with the CLI.
 //! - [`quota`]: daily token quotas.
 //! - [`throttle`]: failed authentications throttled per source address.
+//! - [`tokens`]: client tokens (browser-safe, short-lived JWTs); [`cors`]: browser origins.
+//! - [`docs`]: the OpenAPI document, the reference page and the playground.
 //! - [`error`]: the one mapping from failures to HTTP responses and WebSocket error events.
 
 pub mod auth;
 pub mod cli;
+pub mod cors;
+pub mod docs;
 pub mod error;
 pub mod messages;
 pub mod quota;
@@ -20,6 +24,7 @@ pub mod startup;
 pub mod state;
 pub mod tenants;
 pub mod throttle;
+pub mod tokens;
 pub mod ws;
 
 pub use startup::{Application, Stopper};

@@ -38,6 +38,10 @@ pub struct AppState {
     pub chat_owners: Arc<crate::ws::ChatOwners>,
     /// Handshakes checked at once (see [`HANDSHAKES_IN_FLIGHT`]).
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Mints and verifies client tokens.
+    pub tokens: Arc<crate::tokens::TokenKeys>,
+    /// Origins any tenant allows, for CORS preflights (answered before authentication).
+    pub origins: Arc<crate::cors::KnownOrigins>,
     draining: Arc<AtomicBool>,
 }
 
@@ -59,6 +63,11 @@ impl AppState {
         throttle: crate::throttle::AuthThrottle,
     ) -> Self {
         Self {
+            tokens: Arc::new(crate::tokens::TokenKeys::new(&config.auth.token_secret)),
+            origins: Arc::new(crate::cors::KnownOrigins::new(
+                store.clone(),
+                std::time::Duration::from_secs(config.limits.tenant_cache_secs.max(1)),
+            )),
             throttle: Arc::new(throttle),
             revocations: Arc::new(crate::revocation::Revocations::new(shutdown.token.clone())),
             store,

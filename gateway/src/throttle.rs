@@ -85,7 +85,11 @@ impl AuthThrottle {
     ) -> Result<T, ApiError> {
         self.check(addr)?;
         let result = auth.await;
-        if let (Some(addr), Err(ApiError::InvalidKey | ApiError::Unauthorized)) = (addr, &result) {
+        if let (
+            Some(addr),
+            Err(ApiError::InvalidKey | ApiError::InvalidToken(_) | ApiError::Unauthorized),
+        ) = (addr, &result)
+        {
             self.failed(addr);
         }
         result

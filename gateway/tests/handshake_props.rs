@@ -8,7 +8,7 @@
 use actix_web::test::TestRequest;
 use gateway::{
     error::ApiError,
-    ws::{HandshakeParams, Present},
+    ws::{Credential, HandshakeParams, Present},
 };
 use proptest::prelude::*;
 
@@ -101,12 +101,54 @@ proptest! {
             (Some(name), _, Err(ApiError::MissingParam { name: got, .. })) => prop_assert_eq!(name, got),
             (None, Some(Err(_)), Err(ApiError::InvalidParam { name, .. })) => prop_assert_eq!(name, "last_seq"),
             (None, seq, Ok(present)) => prop_assert_eq!(present, Present {
-                api_key: key.expected().unwrap(),
-                user_id: user.expected().unwrap(),
-                chat_id: chat.expected().unwrap(),
+                credential: Credential::ApiKey(key.expected().unwrap()),
+                user_id: user.expected(),
+                chat_id: chat.expected(),
                 last_seq: seq.map(Result::unwrap),
             }),
             (missing, seq, got) => prop_assert!(false, "missing {missing:?}, last_seq {seq:?}: got {got:?}"),
+        }
+    }
+
+    #[test]
+    fn a_token_stands_in_for_the_key_and_user_and_the_key_wins_over_it(
+        token in placed(value()),
+        key in prop_oneof![Just(Placed::Absent), placed(value())],
+        user in placed(value()),
+        chat in placed(value()),
+    ) {
+        // The token's header is `Authorization: Bearer`, so it is placed by hand.
+        let mut query = Vec::new();
+        let mut req = TestRequest::default();
+        if let Placed::Query(v) | Placed::Both(v, _) = &token {
+            query.push(format!("token={}", encode(v)));
+        }
+        if let Placed::Header(v) | Placed::Both(_, v) = &token {
+            req = req.insert_header(("Authorization", format!("Bearer {v}")));
+        }
+        for (name, header, placed) in [("api_key", "X-API-Key", &key), ("user_id", "X-User-ID", &user), ("chat_id", "X-Chat-ID", &chat)] {
+            if let Placed::Query(v) | Placed::Both(v, _) = placed {
+                query.push(format!("{name}={}", encode(v)));
+            }
+            if let Placed::Header(v) | Placed::Both(_, v) = placed {
+                req = req.insert_header((header, v.as_str()));
+            }
+        }
+        let req = req.uri(&format!("/ws/chat?{}", query.join("&"))).to_http_request();
+        let got = HandshakeParams::from_request(&req).present();
+        let bearer = token.expected().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+        match (key.expected(), bearer, got) {
+            (Some(k), _, Ok(p)) => prop_assert_eq!(p.credential, Credential::ApiKey(k)),
+            (Some(_), _, Err(ApiError::MissingParam { .. })) => prop_assert!(user.expected().is_none() || chat.expected().is_none()),
+            (None, Some(t), Ok(p)) => {
+                // A query token is taken as sent; a header's is trimmed like any bearer value.
+                let expected = match &token { Placed::Query(v) | Placed::Both(v, _) => v.clone(), Placed::Header(_) | Placed::Absent => t };
+                prop_assert_eq!(p.credential, Credential::Token(expected));
+                prop_assert_eq!(p.user_id, user.expected());
+                prop_assert_eq!(p.chat_id, chat.expected());
+            }
+            (None, None, Err(ApiError::MissingParam { name, .. })) => prop_assert_eq!(name, "api_key"),
+            (k, t, got) => prop_assert!(false, "key {k:?}, token {t:?}: got {got:?}"),
         }
     }
 }

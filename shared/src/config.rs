@@ -123,6 +123,10 @@ pub struct AuthConfig {
     /// handshake to be checked (waiting for a turn included) before it is refused with
     /// `SERVICE_UNAVAILABLE` and close 1013 (`PARLEY_AUTH__HANDSHAKE_TIMEOUT_SECS`).
     pub handshake_timeout_secs: u64,
+    /// The pepper client tokens' per-tenant secrets are derived under
+    /// (`PARLEY_AUTH__TOKEN_SECRET`), the same on every gateway. Unset, a tenant's secret
+    /// derives from its key hash alone, so whoever can read the database can mint tokens.
+    pub token_secret: String,
 }
 
 impl Default for AuthConfig {
@@ -132,6 +136,7 @@ impl Default for AuthConfig {
             failures_per_minute: 30,
             trusted_proxies: String::new(),
             handshake_timeout_secs: 5,
+            token_secret: String::new(),
         }
     }
 }

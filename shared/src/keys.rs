@@ -8,6 +8,18 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+/// The stored hash of a tenant's API key. Besides finding the tenant, it seeds the tenant's
+/// client-token secret (`gateway::tokens`), so it changes with every key rotation; its `Debug`
+/// form never shows it.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct KeyHash(pub String);
+
+impl std::fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHash(..)")
+    }
+}
+
 /// Prefix that makes Parley keys recognisable in secret scanners.
 const PREFIX: &str = "pk_";
 

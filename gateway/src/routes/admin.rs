@@ -103,6 +103,7 @@ async fn create(
     let body = object(body.into_inner())?;
     let name = optional_name(&body)?.ok_or_else(|| ApiError::Invalid("name is required".into()))?;
     let created = tenants::create(state.store.as_ref(), name, body.get("settings")).await?;
+    state.origins.invalidate();
     Ok(HttpResponse::Created().json(created))
 }
 
@@ -126,6 +127,7 @@ async fn update(
     let settings = body.get("settings").filter(|s| !s.is_null());
     let tenant = tenants::update(state.store.as_ref(), tenant_id(&id)?, name, settings).await?;
     state.tenants.invalidate();
+    state.origins.invalidate();
     Ok(HttpResponse::Ok().json(tenant))
 }
 
@@ -135,6 +137,7 @@ async fn rotate_key(
 ) -> Result<HttpResponse, ApiError> {
     let rotated = tenants::rotate_key(state.store.as_ref(), tenant_id(&id)?).await?;
     state.tenants.invalidate();
+    state.origins.invalidate();
     state.revocations.revoke_tenant(rotated.tenant.id);
     Ok(HttpResponse::Ok().json(rotated))
 }
@@ -146,6 +149,7 @@ async fn delete(
     let id = tenant_id(&id)?;
     tenants::delete(state.store.as_ref(), id).await?;
     state.tenants.invalidate();
+    state.origins.invalidate();
     state.revocations.revoke_tenant(id);
     Ok(HttpResponse::Ok().json(json!({ "success": true, "deleted_at": Utc::now() })))
 }

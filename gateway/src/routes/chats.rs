@@ -14,7 +14,7 @@ use shared::{
 use uuid::Uuid;
 
 use super::{query_map, ratelimit::tenant_gate};
-use crate::{error::ApiError, state::AppState};
+use crate::{error::ApiError, state::AppState, tokens::ClientToken};
 
 /// Largest page a list may return.
 const MAX_LIMIT: i64 = 100;
@@ -31,6 +31,8 @@ pub fn scope() -> actix_web::Scope<
 > {
     web::scope("/api/v1")
         .wrap(from_fn(tenant_gate))
+        .wrap(from_fn(crate::cors::cors))
+        .service(web::resource("/tokens").post(super::tokens::mint))
         .service(web::resource(["/chats", "/chats/"]).post(create_chat))
         .service(web::resource("/chats/user/{user_id}").get(list_user_chats))
         .service(
@@ -145,12 +147,20 @@ fn parse_chat_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::ChatNotFound(raw.to_owned()))
 }
 
-async fn owned_chat(state: &AppState, tenant: &Tenant, raw: &str) -> Result<Chat, ApiError> {
+/// The tenant's chat `raw`; with a client token, only a chat the token may read (another
+/// user's chat is as absent as another tenant's).
+pub(super) async fn owned_chat(
+    state: &AppState,
+    tenant: &Tenant,
+    token: Option<&ClientToken>,
+    raw: &str,
+) -> Result<Chat, ApiError> {
     let id = parse_chat_id(raw)?;
     state
         .store
         .get_chat(tenant.id, id)
         .await?
+        .filter(|chat| token.is_none_or(|t| t.may_use(chat.id, &chat.user_id)))
         .ok_or_else(|| ApiError::ChatNotFound(raw.to_owned()))
 }
 
@@ -204,9 +214,18 @@ async fn list_user_chats(
     req: HttpRequest,
     state: web::Data<AppState>,
     tenant: web::ReqData<Tenant>,
+    token: Option<web::ReqData<ClientToken>>,
     user_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     validate_user_id(&user_id).map_err(|e| ApiError::Invalid(e.into()))?;
+    if let Some(token) = token
+        && (token.user_id != *user_id || token.chat_id.is_some())
+    {
+        return Err(ApiError::TokenScope(format!(
+            "This token lists the chats of user '{}' only, and only when it is bound to no chat",
+            token.user_id
+        )));
+    }
     let page = page(&query_map(&req), true)?;
     let (chats, total) = state
         .store
@@ -228,9 +247,10 @@ async fn list_user_chats(
 async fn get_chat(
     state: web::Data<AppState>,
     tenant: web::ReqData<Tenant>,
+    token: Option<web::ReqData<ClientToken>>,
     chat_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let chat = owned_chat(&state, &tenant, &chat_id).await?;
+    let chat = owned_chat(&state, &tenant, token.as_deref(), &chat_id).await?;
     let open_sockets = state.limits.chat_connections(chat.id).await?;
     let mut view = ChatView::new(chat, true);
     view.status = Some("active");
@@ -243,10 +263,11 @@ async fn list_messages(
     req: HttpRequest,
     state: web::Data<AppState>,
     tenant: web::ReqData<Tenant>,
+    token: Option<web::ReqData<ClientToken>>,
     chat_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let page = page(&query_map(&req), false)?;
-    let chat = owned_chat(&state, &tenant, &chat_id).await?;
+    let chat = owned_chat(&state, &tenant, token.as_deref(), &chat_id).await?;
     let (messages, total) = state.store.list_messages(chat.id, page).await?;
     let items: Vec<MessageView> = messages.into_iter().map(MessageView::from).collect();
     Ok(HttpResponse::Ok().json(list_body("messages", items, total, page)))
@@ -258,7 +279,7 @@ async fn delete_chat(
     tenant: web::ReqData<Tenant>,
     chat_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let chat = owned_chat(&state, &tenant, &chat_id).await?;
+    let chat = owned_chat(&state, &tenant, None, &chat_id).await?;
     if state.limits.chat_connections(chat.id).await? > 0 {
         return Err(ApiError::ChatInUse);
     }

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod chats;
 pub mod health;
 pub mod ratelimit;
+pub mod tokens;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -1,4 +1,5 @@
-//! Tenant authentication and the per-tenant REST rate limit, as middleware on `/api/v1`.
+//! Tenant authentication (API key, or a client token for reads) and the per-tenant REST rate
+//! limit, as middleware on `/api/v1`.
 //!
 //! The limit is a fixed one-minute window per tenant kept in the [`Limits`](shared::limits::Limits)
 //! store (in Redis when distributed, so it is counted across gateways). Every response carries
@@ -24,7 +25,8 @@ use crate::{
 
 const WINDOW: Duration = Duration::from_secs(60);
 
-/// Resolves `X-API-Key` to a tenant (stored in the request extensions) and counts the request;
+/// Resolves `X-API-Key` (or a client token, stored too) to a tenant (stored in the request
+/// extensions) and counts the request;
 /// the whole request is bounded by [`super::deadline`].
 pub async fn tenant_gate(
     req: ServiceRequest,
@@ -41,18 +43,20 @@ async fn gate(
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
         return Err(ApiError::Unavailable(Dependency::Gateway("application state missing")).into());
     };
-    let key = req
-        .headers()
-        .get("X-API-Key")
-        .and_then(|v| v.to_str().ok())
-        .filter(|k| !k.is_empty())
-        .ok_or(ApiError::MissingKey)?
-        .to_owned();
     let client = state.throttle.client_addr(req.peer_addr(), req.headers());
-    let tenant = state
+    let caller = state
         .throttle
-        .guard(client, crate::auth::tenant_for_key(&state.tenants, &key))
-        .await?;
+        .guard(client, crate::auth::rest_caller(&state, req.headers()))
+        .await;
+    // Refusals are answered here (not returned as errors) so that the CORS layer outside
+    // can still add its headers: a page must be able to read why it was refused.
+    let (tenant, token) = match caller {
+        Ok((_, Some(_))) if req.method() != actix_web::http::Method::GET => {
+            return Ok(req.into_response(ApiError::KeyRequired.error_response()));
+        }
+        Ok(caller) => caller,
+        Err(e) => return Ok(req.into_response(e.error_response())),
+    };
     let limit = tenant.settings.requests_per_minute;
     let decision = state
         .limits
@@ -69,6 +73,9 @@ async fn gate(
         return Ok(res);
     }
     req.extensions_mut().insert(tenant);
+    if let Some(token) = token {
+        req.extensions_mut().insert(token);
+    }
     let mut res = next.call(req).await?.map_into_boxed_body();
     add_headers(&mut res, &decision);
     Ok(res)

@@ -1,4 +1,7 @@
-//! Handshake: parameters from query or headers (query wins), then key, chat and limit checks.
+//! Handshake: parameters from query or headers (query wins), then key (or client token),
+//! origin, chat and limit checks.
+
+use std::sync::Arc;
 
 use actix_web::HttpRequest;
 use shared::{limits::ConnectionLease, protocol::validate_user_id};
@@ -15,6 +18,12 @@ use crate::{
 pub struct HandshakeParams {
     /// `api_key` / `X-API-Key`.
     pub api_key: Option<String>,
+    /// `token` / `Authorization: Bearer`: a client token, in place of `api_key` and `user_id`.
+    pub token: Option<String>,
+    /// The `Origin` header (browsers send it).
+    pub origin: Option<String>,
+    /// The `Host` header, to recognise pages this gateway served itself.
+    pub host: Option<String>,
     /// `user_id` / `X-User-ID`.
     pub user_id: Option<String>,
     /// `chat_id` / `X-Chat-ID`.
@@ -29,6 +38,9 @@ impl HandshakeParams {
     /// Reads the parameters; a query parameter wins over its header.
     pub fn from_request(req: &HttpRequest) -> Self {
         let mut query = query_map(req);
+        let token = query
+            .remove("token")
+            .or_else(|| crate::auth::bearer(req.headers()).map(str::to_owned));
         let mut take = |name: &str, header: &str| {
             query.remove(name).or_else(|| {
                 req.headers()
@@ -37,36 +49,70 @@ impl HandshakeParams {
                     .map(str::to_owned)
             })
         };
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         Self {
             api_key: take("api_key", "X-API-Key"),
+            token,
             user_id: take("user_id", "X-User-ID"),
             chat_id: take("chat_id", "X-Chat-ID"),
             last_seq: take("last_seq", "X-Last-Seq"),
+            origin: header("Origin"),
+            host: header("Host"),
             client: None,
         }
     }
 }
 
+/// What a socket authenticates with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// The tenant's API key (with `user_id` and `chat_id` required).
+    ApiKey(String),
+    /// A client token: its user, and its chat when bound to one.
+    Token(String),
+}
+
 /// The parameters present and well-formed, before any lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Present {
-    /// The API key as sent.
-    pub api_key: String,
-    /// The user id as sent (checked after the key).
-    pub user_id: String,
-    /// The chat id as sent (a malformed one is reported as a chat not found).
-    pub chat_id: String,
+    /// The key or token as sent.
+    pub credential: Credential,
+    /// The user id as sent (checked after the key); with a token, optional (the token's).
+    pub user_id: Option<String>,
+    /// The chat id as sent (a malformed one is reported as a chat not found); with a token
+    /// bound to a chat, optional.
+    pub chat_id: Option<String>,
     /// `last_seq`, parsed.
     pub last_seq: Option<u64>,
 }
 
 impl HandshakeParams {
-    /// The checks that need no lookup: the three parameters present, `last_seq` a number.
+    /// The checks that need no lookup: an API key with `user_id` and `chat_id` (the seed's
+    /// three parameters, the first missing one named), or a client token; `last_seq` a number.
+    /// An API key wins over a token when both are sent.
     pub fn present(self) -> Result<Present, ApiError> {
+        let nonempty = |v: Option<String>| v.filter(|v| !v.is_empty());
+        let (credential, user_id, chat_id) = match (nonempty(self.api_key), nonempty(self.token)) {
+            (None, Some(token)) => (
+                Credential::Token(token),
+                nonempty(self.user_id),
+                nonempty(self.chat_id),
+            ),
+            (key, _) => (
+                Credential::ApiKey(required(key, "api_key", "X-API-Key")?),
+                Some(required(self.user_id, "user_id", "X-User-ID")?),
+                Some(required(self.chat_id, "chat_id", "X-Chat-ID")?),
+            ),
+        };
         Ok(Present {
-            api_key: required(self.api_key, "api_key", "X-API-Key")?,
-            user_id: required(self.user_id, "user_id", "X-User-ID")?,
-            chat_id: required(self.chat_id, "chat_id", "X-Chat-ID")?,
+            credential,
+            user_id,
+            chat_id,
             last_seq: self
                 .last_seq
                 .filter(|v| !v.is_empty())
@@ -84,23 +130,26 @@ impl HandshakeParams {
 /// extra store query. A chat never changes tenant; a deleted chat's entry only lets the
 /// handshake go on to `join_chat`, which finds the chat gone.
 #[derive(Default)]
-pub struct ChatOwners(dashmap::DashMap<Uuid, Uuid>);
+pub struct ChatOwners(dashmap::DashMap<Uuid, (Uuid, Arc<str>)>);
 
 /// Bound on remembered chats; past it the map starts over.
 const MAX_OWNERS: usize = 200_000;
 
 impl ChatOwners {
-    /// Whether `tenant` is known to own `chat`.
-    pub fn owns(&self, tenant: Uuid, chat: Uuid) -> bool {
-        self.0.get(&chat).is_some_and(|owner| *owner == tenant)
+    /// The user `chat` was created for, when `tenant` is known to own it.
+    pub fn user_of(&self, tenant: Uuid, chat: Uuid) -> Option<Arc<str>> {
+        self.0
+            .get(&chat)
+            .filter(|owner| owner.0 == tenant)
+            .map(|owner| owner.1.clone())
     }
 
-    /// Remembers that `tenant` owns `chat`.
-    pub fn learn(&self, tenant: Uuid, chat: Uuid) {
+    /// Remembers that `tenant` owns `chat`, created for `user`.
+    pub fn learn(&self, tenant: Uuid, chat: Uuid, user: &str) {
         if self.0.len() >= MAX_OWNERS {
             self.0.clear();
         }
-        self.0.insert(chat, tenant);
+        self.0.insert(chat, (tenant, Arc::from(user)));
     }
 }
 
@@ -141,20 +190,22 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
             "gateway is draining",
         )));
     }
-    let client = params.client;
-    let Present {
-        api_key,
+    let (client, origin, host) = (params.client, params.origin.clone(), params.host.clone());
+    let present = params.present()?;
+    let last_seq = present.last_seq;
+    let Authenticated {
+        tenant,
         user_id,
-        chat_id: raw_chat,
-        last_seq,
-    } = params.present()?;
-    let tenant = state
+        raw_chat,
+        token,
+        key_hash,
+    } = state
         .throttle
-        .guard(
-            client,
-            crate::auth::tenant_for_key(&state.tenants, &api_key),
-        )
+        .guard(client, authenticate(state, present))
         .await?;
+    if !crate::cors::origin_allowed(&tenant, origin.as_deref(), host.as_deref()) {
+        return Err(ApiError::OriginNotAllowed(origin.unwrap_or_default()));
+    }
     validate_user_id(&user_id).map_err(|reason| ApiError::InvalidParam {
         name: "user_id",
         reason,
@@ -163,13 +214,25 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
     let chat_id = Uuid::parse_str(&raw_chat).map_err(|_| not_found())?;
     // The chat's owner is checked before a slot is taken: a socket on someone else's chat
     // must not count as open on it (it would hold off that chat's deletion).
-    if !state.chat_owners.owns(tenant.id, chat_id) {
-        state
-            .store
-            .get_chat(tenant.id, chat_id)
-            .await?
-            .ok_or_else(not_found)?;
-        state.chat_owners.learn(tenant.id, chat_id);
+    let owner = match state.chat_owners.user_of(tenant.id, chat_id) {
+        Some(owner) => owner,
+        None => {
+            let chat = state
+                .store
+                .get_chat(tenant.id, chat_id)
+                .await?
+                .ok_or_else(not_found)?;
+            state.chat_owners.learn(tenant.id, chat_id, &chat.user_id);
+            Arc::from(chat.user_id.as_str())
+        }
+    };
+    if let Some(token) = &token
+        && !token.may_use(chat_id, &owner)
+    {
+        return Err(ApiError::TokenScope(
+            "This token does not open this chat: it opens the chat it is bound to, or else its own user's chats"
+                .into(),
+        ));
     }
     let max = tenant.settings.max_connections;
     let lease = state
@@ -190,8 +253,56 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
         user_created,
         last_seq,
         _lease: lease,
-        watch: state
-            .revocations
-            .watch(&shared::keys::hash(&api_key), tenant.id),
+        watch: state.revocations.watch(&key_hash, tenant.id),
     })
+}
+
+/// Who a socket is, from its key or token.
+struct Authenticated {
+    tenant: shared::store::Tenant,
+    user_id: String,
+    raw_chat: String,
+    /// The grant, when a client token was used.
+    token: Option<crate::tokens::ClientToken>,
+    /// The hash of the tenant key the socket's access derives from (revocation watches it).
+    key_hash: String,
+}
+
+async fn authenticate(state: &AppState, present: Present) -> Result<Authenticated, ApiError> {
+    match present.credential {
+        Credential::ApiKey(key) => Ok(Authenticated {
+            tenant: crate::auth::tenant_for_key(&state.tenants, &key).await?,
+            user_id: present.user_id.unwrap_or_default(),
+            raw_chat: present.chat_id.unwrap_or_default(),
+            token: None,
+            key_hash: shared::keys::hash(&key),
+        }),
+        Credential::Token(token) => {
+            let (tenant, grant) = state.tokens.verify(&state.tenants, &token).await?;
+            if present
+                .user_id
+                .as_ref()
+                .is_some_and(|u| *u != grant.user_id)
+            {
+                return Err(ApiError::TokenScope(format!(
+                    "This token is for user '{}'; leave user_id out or send that one",
+                    grant.user_id
+                )));
+            }
+            let raw_chat = present
+                .chat_id
+                .or_else(|| grant.chat_id.map(|c| c.to_string()))
+                .ok_or(ApiError::MissingParam {
+                    name: "chat_id",
+                    header: "X-Chat-ID",
+                })?;
+            Ok(Authenticated {
+                key_hash: tenant.key_hash.0.clone(),
+                user_id: grant.user_id.clone(),
+                tenant,
+                raw_chat,
+                token: Some(grant),
+            })
+        }
+    }
 }

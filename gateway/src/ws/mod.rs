@@ -14,7 +14,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 
 use crate::state::AppState;
 
-pub use handshake::{ChatOwners, HandshakeParams, Present};
+pub use handshake::{ChatOwners, Credential, HandshakeParams, Present};
 
 /// Upgrades the connection and hands the socket to its own task.
 pub async fn ws_chat(

@@ -15,5 +15,6 @@ mod ops;
 mod otlp;
 mod rest;
 mod servers;
+mod tokens;
 mod ws_errors;
 mod ws_flow;

@@ -26,6 +26,10 @@ pub struct TenantSettings {
     /// Model tokens (prompt and answer) the tenant may use per UTC day; none: no quota.
     /// Once spent, messages are refused with `QUOTA_EXCEEDED` until midnight UTC.
     pub daily_token_quota: Option<u64>,
+    /// Web origins (`https://app.example.com`, scheme, host and port only) whose pages may call
+    /// the tenant API from a browser (CORS) and open its WebSockets; empty: no browser origin
+    /// is allowed by CORS and any `Origin` may open a socket (API.md §6).
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for TenantSettings {
@@ -38,6 +42,7 @@ impl Default for TenantSettings {
             max_queued_messages: 1_000,
             agent: AgentSettings::default(),
             daily_token_quota: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -121,8 +126,37 @@ impl TenantSettings {
             within("agent.max_tokens", m, 1, 1_000_000)?;
         }
         let options = serde_json::to_string(&agent.options).map_or(0, |o| o.len());
-        within("agent.options bytes", options, 0, 16_384)
+        within("agent.options bytes", options, 0, 16_384)?;
+        within(
+            "allowed_origins entries",
+            self.allowed_origins.len(),
+            0,
+            100,
+        )?;
+        self.allowed_origins
+            .iter()
+            .try_for_each(|o| check_origin(o))
     }
+}
+
+/// An origin as browsers send it: `http` or `https`, a host, an optional port, nothing else
+/// (no path, no trailing slash), in its canonical form (lowercase host, no default port).
+fn check_origin(origin: &str) -> Result<(), SettingOutOfRange> {
+    let refuse = |why: &str| {
+        Err(SettingOutOfRange(format!(
+            "allowed_origins entry '{origin}' {why}; write it as a browser sends Origin, e.g. https://app.example.com or http://localhost:3000"
+        )))
+    };
+    let Ok(url) = url::Url::parse(origin) else {
+        return refuse("is not a URL");
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return refuse("must use http or https");
+    }
+    if url.origin().ascii_serialization() != origin {
+        return refuse("is not an origin in canonical form");
+    }
+    Ok(())
 }
 
 impl Default for AgentSettings {
@@ -152,6 +186,9 @@ pub struct Tenant {
     pub created_at: DateTime<Utc>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// The hash of its current API key (never serialized).
+    #[serde(skip)]
+    pub key_hash: crate::keys::KeyHash,
 }
 
 /// A chat with its message count.

@@ -14,6 +14,7 @@ pub(super) struct TenantRow {
     settings: Json<TenantSettings>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    api_key_hash: String,
 }
 
 impl From<TenantRow> for Tenant {
@@ -24,6 +25,7 @@ impl From<TenantRow> for Tenant {
             settings: r.settings.0,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            key_hash: crate::keys::KeyHash(r.api_key_hash),
         }
     }
 }
@@ -93,7 +95,7 @@ impl TryFrom<MessageRow> for Message {
 }
 
 pub(super) const TENANT_COLS: &str =
-    "SELECT id, name, settings, created_at, updated_at FROM tenants";
+    "SELECT id, name, settings, created_at, updated_at, api_key_hash FROM tenants";
 pub(super) const CHAT_COLS: &str = "SELECT id, tenant_id, user_id, title, metadata, created_at, updated_at, \
                          last_message_at, message_count FROM chats";
 pub(super) const MESSAGE_COLS: &str = "SELECT id, chat_id, sender_role, user_id, content, metadata, reply_to, \

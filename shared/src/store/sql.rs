@@ -70,6 +70,7 @@ macro_rules! sql_store {
                     settings: settings.clone(),
                     created_at: now,
                     updated_at: now,
+                    key_hash: crate::keys::KeyHash(key_hash.to_owned()),
                 })
             }
 

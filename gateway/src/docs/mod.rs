@@ -1,0 +1,1 @@
+//! Discovery (API.md §7).
