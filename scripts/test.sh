@@ -37,3 +37,6 @@ cargo test --workspace --all-targets "$@"
 # with the distributed wiring (Postgres, Redis, a separate worker).
 PARLEY_TEST_STORE=postgres cargo test -p gateway --test api "$@"
 PARLEY_TEST_MODE=distributed cargo test -p gateway --test api "$@"
+# The OpenAPI document against a live gateway, and the playground in a real browser.
+scripts/api-conformance.sh
+gateway/tests/browser/run.sh

@@ -96,8 +96,16 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let host = match config.bind.rsplit_once(':').map(|(h, _)| h) {
+        None | Some("0.0.0.0" | "[::]" | "") => "127.0.0.1".to_owned(),
+        Some(h) => h.to_owned(),
+    };
     let app = Application::build(config).await?;
     tracing::info!(port = app.port(), "parley gateway listening");
+    let base = format!("http://{host}:{}", app.port());
+    println!(
+        "Parley is up on {base}\n\n    Playground:    {base}/playground\n    API reference: {base}/docs\n    OpenAPI:       {base}/openapi.json\n"
+    );
     let stopper = app.stopper();
     let server = tokio::spawn(app.run_until_stopped());
     shutdown_signal().await;

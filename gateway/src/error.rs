@@ -2,7 +2,6 @@
 //! events (and close codes) for WebSocket.
 
 use actix_web::{HttpResponse, ResponseError, http::StatusCode};
-use serde_json::json;
 use shared::{
     broker::BrokerError,
     limits::LimitsError,
@@ -282,12 +281,23 @@ impl ResponseError for ApiError {
         {
             res.insert_header(("Retry-After", retry_after_secs.to_string()));
         }
-        res.json(json!({
-            "error_code": self.code(),
-            "error_message": self.to_string(),
-            "details": self.details(),
-        }))
+        res.json(ErrorBody {
+            error_code: self.code(),
+            error_message: self.to_string(),
+            details: self.details(),
+        })
     }
+}
+
+/// The error body of every REST failure (API.md §2): the WebSocket `error` event's fields.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// The error code.
+    pub error_code: ErrorCode,
+    /// What went wrong, for a person.
+    pub error_message: String,
+    /// What to do about it (`fix`), and for some codes `retry_after_ms` or `seq`.
+    pub details: ErrorDetails,
 }
 
 impl From<StoreError> for ApiError {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::error::ApiError;
 
 /// A tenant with its API key: only ever returned by create and rotate.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TenantWithKey {
     /// The tenant.
     #[serde(flatten)]
@@ -31,13 +31,34 @@ pub fn merge_settings(base: &TenantSettings, patch: &Value) -> Result<TenantSett
         return Err(ApiError::Invalid(format!("settings {REFUSED_CONTROL}")));
     }
     let mut merged = serde_json::to_value(base).map_err(|e| ApiError::Invalid(e.to_string()))?;
-    json_merge(&mut merged, patch);
+    json_merge(&mut merged, &integral_numbers(patch.clone()));
     let settings: TenantSettings = serde_json::from_value(merged)
+        .map_err(|e| ApiError::Invalid(format!("invalid settings: {e}")))?;
+    let settings = settings
+        .normalized()
         .map_err(|e| ApiError::Invalid(format!("invalid settings: {e}")))?;
     settings
         .check()
         .map_err(|e| ApiError::Invalid(format!("invalid settings: {e}")))?;
     Ok(settings)
+}
+
+/// `patch` with every number that is a whole number written as one (`82.0` → `82`): JSON
+/// Schema (and JavaScript) see no difference, and the integer settings would refuse it.
+pub fn integral_numbers(value: Value) -> Value {
+    match value {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
+            _ => Value::Number(n),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(integral_numbers).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, integral_numbers(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 fn json_merge(target: &mut Value, patch: &Value) {
@@ -73,7 +94,7 @@ pub async fn create(
     settings: Option<&Value>,
 ) -> Result<TenantWithKey, ApiError> {
     validate_name(name)?;
-    let settings = match settings {
+    let settings = match settings.filter(|s| !s.is_null()) {
         Some(s) => merge_settings(&TenantSettings::default(), s)?,
         None => TenantSettings::default(),
     };

@@ -8,12 +8,18 @@ use actix_web::{
     middleware::{Next, from_fn},
     web,
 };
-use chrono::{NaiveDate, Utc};
-use serde_json::{Value, json};
-use shared::store::DailyUsage;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use shared::store::{DailyUsage, Tenant, TenantSettings};
 use uuid::Uuid;
 
-use crate::{auth::admin_token_matches, error::ApiError, state::AppState, tenants};
+use crate::{
+    auth::admin_token_matches,
+    error::ApiError,
+    state::AppState,
+    tenants::{self, TenantWithKey},
+};
 
 /// The `/admin/v1` scope.
 pub fn scope() -> actix_web::Scope<
@@ -96,7 +102,101 @@ fn optional_name(body: &serde_json::Map<String, Value>) -> Result<Option<&str>, 
     }
 }
 
-async fn create(
+/// The body of `POST /admin/v1/tenants`.
+#[derive(utoipa::ToSchema)]
+#[expect(
+    dead_code,
+    reason = "a schema of the body, which is parsed field by field"
+)]
+pub struct CreateTenant {
+    /// A unique name, 1 to 200 characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F]*[^\s\u0000-\u001F][^\u0000-\u0008\u000B\u000C\u000E-\u001F]*$"
+    )]
+    name: String,
+    /// Settings to change from their defaults.
+    settings: Option<TenantSettings>,
+}
+
+/// The body of `PATCH /admin/v1/tenants/{id}`.
+#[derive(utoipa::ToSchema)]
+#[expect(
+    dead_code,
+    reason = "a schema of the body, which is parsed field by field"
+)]
+pub struct UpdateTenant {
+    /// A new unique name.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F]*[^\s\u0000-\u001F][^\u0000-\u0008\u000B\u000C\u000E-\u001F]*$"
+    )]
+    name: Option<String>,
+    /// A JSON merge patch of the settings: the fields given replace the current ones
+    /// (`agent.options` can change one key at a time; null resets a field to its default).
+    settings: Option<TenantSettings>,
+}
+
+/// Every tenant.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TenantList {
+    /// The tenants.
+    tenants: Vec<Tenant>,
+    /// How many.
+    total: usize,
+}
+
+/// The answer to a tenant's deletion.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TenantDeleted {
+    /// Always true.
+    success: bool,
+    /// When.
+    deleted_at: DateTime<Utc>,
+}
+
+/// Usage totals of one day, summed.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UsageTotal {
+    /// Answers saved.
+    messages: u64,
+    /// Tokens sent to the model.
+    prompt_tokens: u64,
+    /// Tokens of the answers.
+    completion_tokens: u64,
+    /// Their sum.
+    total_tokens: u64,
+}
+
+/// A tenant's usage over a range of days.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UsageReport {
+    /// The tenant.
+    tenant_id: Uuid,
+    /// First day (UTC).
+    from: NaiveDate,
+    /// Last day (UTC).
+    to: NaiveDate,
+    /// Days with usage, oldest first.
+    days: Vec<DailyUsage>,
+    /// Their sum.
+    total: UsageTotal,
+    /// The tenant's daily quota, if any.
+    daily_token_quota: Option<u64>,
+}
+
+#[utoipa::path(post, path = "/admin/v1/tenants", tag = "admin", operation_id = "create_tenant",
+    summary = "Create a tenant (its API key is shown this once)",
+    request_body = CreateTenant,
+    responses(
+        (status = 201, description = "The tenant with its new `api_key`.", body = TenantWithKey),
+        (status = 400, description = "Invalid name or settings.", body = crate::error::ErrorBody),
+        (status = 409, description = "A tenant of this name exists.", body = crate::error::ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub(crate) async fn create(
     state: web::Data<AppState>,
     body: web::Json<Value>,
 ) -> Result<HttpResponse, ApiError> {
@@ -107,17 +207,44 @@ async fn create(
     Ok(HttpResponse::Created().json(created))
 }
 
-async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let all = state.store.list_tenants().await?;
-    Ok(HttpResponse::Ok().json(json!({ "tenants": all, "total": all.len() })))
+#[utoipa::path(get, path = "/admin/v1/tenants", tag = "admin", operation_id = "list_tenants",
+    summary = "List every tenant",
+    responses((status = 200, description = "Every tenant.", body = TenantList)),
+    security(("admin_token" = [])))]
+pub(crate) async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let tenants = state.store.list_tenants().await?;
+    Ok(HttpResponse::Ok().json(TenantList {
+        total: tenants.len(),
+        tenants,
+    }))
 }
 
-async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(get, path = "/admin/v1/tenants/{id}", tag = "admin", operation_id = "get_tenant",
+    summary = "Get a tenant", params(("id" = String, Path, format = Uuid, description = "The tenant's id (a UUID).")),
+    responses(
+        (status = 200, description = "The tenant.", body = Tenant),
+        (status = 404, description = "No such tenant.", body = crate::error::ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub(crate) async fn get(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let tenant = tenants::get(state.store.as_ref(), tenant_id(&id)?).await?;
     Ok(HttpResponse::Ok().json(tenant))
 }
 
-async fn update(
+#[utoipa::path(patch, path = "/admin/v1/tenants/{id}", tag = "admin", operation_id = "update_tenant",
+    summary = "Rename a tenant or change its settings", params(("id" = String, Path, format = Uuid, description = "The tenant's id (a UUID).")),
+    request_body = UpdateTenant,
+    responses(
+        (status = 200, description = "The tenant as changed.", body = Tenant),
+        (status = 400, description = "Invalid name or settings.", body = crate::error::ErrorBody),
+        (status = 404, description = "No such tenant.", body = crate::error::ErrorBody),
+        (status = 409, description = "A tenant of this name exists.", body = crate::error::ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub(crate) async fn update(
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: web::Json<Value>,
@@ -131,7 +258,14 @@ async fn update(
     Ok(HttpResponse::Ok().json(tenant))
 }
 
-async fn rotate_key(
+#[utoipa::path(post, path = "/admin/v1/tenants/{id}/rotate-key", tag = "admin", operation_id = "rotate_tenant_key",
+    summary = "Replace a tenant's key (the old key, its tokens and its sockets stop working)", params(("id" = String, Path, format = Uuid, description = "The tenant's id (a UUID).")),
+    responses(
+        (status = 200, description = "The tenant with its new `api_key`.", body = TenantWithKey),
+        (status = 404, description = "No such tenant.", body = crate::error::ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub(crate) async fn rotate_key(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -142,7 +276,14 @@ async fn rotate_key(
     Ok(HttpResponse::Ok().json(rotated))
 }
 
-async fn delete(
+#[utoipa::path(delete, path = "/admin/v1/tenants/{id}", tag = "admin", operation_id = "delete_tenant",
+    summary = "Delete a tenant and everything it owns", params(("id" = String, Path, format = Uuid, description = "The tenant's id (a UUID).")),
+    responses(
+        (status = 200, description = "Deleted; its sockets are closed.", body = TenantDeleted),
+        (status = 404, description = "No such tenant.", body = crate::error::ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub(crate) async fn delete(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -151,12 +292,28 @@ async fn delete(
     state.tenants.invalidate();
     state.origins.invalidate();
     state.revocations.revoke_tenant(id);
-    Ok(HttpResponse::Ok().json(json!({ "success": true, "deleted_at": Utc::now() })))
+    Ok(HttpResponse::Ok().json(TenantDeleted {
+        success: true,
+        deleted_at: Utc::now(),
+    }))
 }
 
 /// `GET /admin/v1/tenants/{id}/usage?from=YYYY-MM-DD&to=YYYY-MM-DD`: daily totals (UTC days;
 /// by default the last 30 days up to today), oldest first, with their sum and today's quota.
-async fn usage(
+#[utoipa::path(get, path = "/admin/v1/tenants/{id}/usage", tag = "admin", operation_id = "tenant_usage",
+    summary = "A tenant's model usage per UTC day",
+    params(
+        ("id" = String, Path, format = Uuid, description = "The tenant's id (a UUID)."),
+        ("from" = Option<String>, Query, format = Date, description = "First day, YYYY-MM-DD (default: 29 days before `to`)."),
+        ("to" = Option<String>, Query, format = Date, description = "Last day, YYYY-MM-DD (default: today)."),
+    ),
+    responses(
+        (status = 200, description = "Daily totals and their sum.", body = UsageReport),
+        (status = 400, description = "A date is invalid, or `from` is after `to`.", body = crate::error::ErrorBody),
+        (status = 404, description = "No such tenant.", body = crate::error::ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub(crate) async fn usage(
     state: web::Data<AppState>,
     id: web::Path<String>,
     req: actix_web::HttpRequest,
@@ -179,17 +336,17 @@ async fn usage(
     }
     let days = state.store.usage(tenant.id, from, to).await?;
     let sum = |f: fn(&DailyUsage) -> u64| days.iter().map(f).sum::<u64>();
-    Ok(HttpResponse::Ok().json(json!({
-        "tenant_id": tenant.id,
-        "from": from,
-        "to": to,
-        "days": days,
-        "total": {
-            "messages": sum(|d| d.messages),
-            "prompt_tokens": sum(|d| d.prompt_tokens),
-            "completion_tokens": sum(|d| d.completion_tokens),
-            "total_tokens": sum(|d| d.total_tokens),
+    Ok(HttpResponse::Ok().json(UsageReport {
+        tenant_id: tenant.id,
+        from,
+        to,
+        total: UsageTotal {
+            messages: sum(|d| d.messages),
+            prompt_tokens: sum(|d| d.prompt_tokens),
+            completion_tokens: sum(|d| d.completion_tokens),
+            total_tokens: sum(|d| d.total_tokens),
         },
-        "daily_token_quota": tenant.settings.daily_token_quota,
-    })))
+        days,
+        daily_token_quota: tenant.settings.daily_token_quota,
+    }))
 }

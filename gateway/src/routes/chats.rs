@@ -14,7 +14,11 @@ use shared::{
 use uuid::Uuid;
 
 use super::{query_map, ratelimit::tenant_gate};
-use crate::{error::ApiError, state::AppState, tokens::ClientToken};
+use crate::{
+    error::{ApiError, ErrorBody},
+    state::AppState,
+    tokens::ClientToken,
+};
 
 /// Largest page a list may return.
 const MAX_LIMIT: i64 = 100;
@@ -44,19 +48,31 @@ pub fn scope() -> actix_web::Scope<
 }
 
 /// The chat object of API.md §2.
-#[derive(Serialize)]
-struct ChatView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ChatView {
+    /// Chat id.
     id: Uuid,
+    /// The user it was created for.
     user_id: String,
+    /// Owning tenant.
     tenant_id: Uuid,
+    /// Title (generated when not given).
     title: String,
+    /// `{"metadata": {...}}`: the metadata given at creation.
+    #[schema(value_type = Object)]
     config: Value,
+    /// Creation time.
     created_at: DateTime<Utc>,
+    /// Last change (a new message counts).
     updated_at: DateTime<Utc>,
+    /// Time of the newest message.
     last_message_at: Option<DateTime<Utc>>,
+    /// Number of messages (list and get).
     #[serde(skip_serializing_if = "Option::is_none")]
     message_count: Option<i64>,
+    /// `active` for every chat that exists (get only).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "active")]
     status: Option<&'static str>,
     /// Sockets open on the chat, all gateways together (get only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -82,15 +98,118 @@ impl ChatView {
 }
 
 /// The message object of API.md §2.
-#[derive(Serialize)]
-struct MessageView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MessageView {
+    /// `msg-<uuid>`.
     id: String,
+    /// Text.
     content: String,
+    /// `user` or `assistant`.
+    #[schema(value_type = String, example = "user")]
     sender_role: &'static str,
+    /// Always null (no media yet).
     media_type: Option<String>,
+    /// Always null (no media yet).
     media_url: Option<String>,
+    /// Creation time.
     created_at: DateTime<Utc>,
+    /// A user message's client metadata; an answer's `model` and `tokens_used`.
+    #[schema(value_type = Object)]
     metadata: Map<String, Value>,
+}
+
+/// The body of `POST /api/v1/chats/` (parsed field by field, for precise errors).
+#[derive(utoipa::ToSchema)]
+#[expect(
+    dead_code,
+    reason = "a schema of the body, which is parsed field by field"
+)]
+pub struct CreateChat {
+    /// The user the chat is for (1 to 128 characters, no control characters).
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$"
+    )]
+    user_id: String,
+    /// At most 255 characters, no control characters but tab and newlines; generated when
+    /// absent.
+    #[schema(
+        max_length = 255,
+        pattern = r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F]*$"
+    )]
+    title: Option<String>,
+    /// Any JSON object, returned as `config.metadata`.
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<Map<String, Value>>,
+}
+
+/// A page of a user's chats.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ChatList {
+    /// The chats.
+    chats: Vec<ChatView>,
+    /// How many there are in all.
+    total: i64,
+    /// Items skipped.
+    offset: i64,
+    /// Largest page asked for.
+    limit: i64,
+    /// `offset + chats.len() < total`.
+    has_more: bool,
+}
+
+/// A page of a chat's messages.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MessageList {
+    /// The messages.
+    messages: Vec<MessageView>,
+    /// How many there are in all.
+    total: i64,
+    /// Items skipped.
+    offset: i64,
+    /// Largest page asked for.
+    limit: i64,
+    /// `offset + messages.len() < total`.
+    has_more: bool,
+}
+
+/// The paging parameters of the lists (`limit` at most 100; more is 400).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[expect(dead_code, reason = "a schema of the query, which is parsed by `page`")]
+pub struct PageQuery {
+    /// Items to skip (default 0).
+    #[param(minimum = 0)]
+    offset: Option<i64>,
+    /// Items to return, 1 to 100 (default 50).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<i64>,
+    /// `asc` or `desc` (chats: newest first by default; messages: oldest first).
+    #[param(inline)]
+    order: Option<Order>,
+}
+
+/// A list's order.
+#[derive(utoipa::ToSchema)]
+pub enum Order {
+    /// Oldest first.
+    #[schema(rename = "asc")]
+    Asc,
+    /// Newest first.
+    #[schema(rename = "desc")]
+    Desc,
+}
+
+/// The answer to a chat's deletion.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Deleted {
+    /// Always true.
+    success: bool,
+    /// `Chat deleted successfully`.
+    message: &'static str,
+    /// When.
+    deleted_at: DateTime<Utc>,
 }
 
 impl From<Message> for MessageView {
@@ -138,9 +257,8 @@ fn page(query: &HashMap<String, String>, default_desc: bool) -> Result<Page, Api
     })
 }
 
-fn list_body<T: Serialize>(key: &str, items: Vec<T>, total: i64, page: Page) -> Value {
-    let has_more = page.offset + i64::try_from(items.len()).unwrap_or(i64::MAX) < total;
-    json!({ key: items, "total": total, "offset": page.offset, "limit": page.limit, "has_more": has_more })
+fn has_more(len: usize, total: i64, page: Page) -> bool {
+    page.offset + i64::try_from(len).unwrap_or(i64::MAX) < total
 }
 
 fn parse_chat_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -165,7 +283,15 @@ pub(super) async fn owned_chat(
 }
 
 /// `POST /api/v1/chats/`: `{user_id, title?, metadata?}` → 201 Chat.
-async fn create_chat(
+#[utoipa::path(post, path = "/api/v1/chats/", tag = "chats", operation_id = "create_chat",
+    summary = "Create a chat for a user",
+    request_body = CreateChat,
+    responses(
+        (status = 201, description = "The new chat.", body = ChatView),
+        (status = 400, description = "A field is missing or invalid.", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub(crate) async fn create_chat(
     state: web::Data<AppState>,
     tenant: web::ReqData<Tenant>,
     body: web::Json<Value>,
@@ -210,7 +336,17 @@ async fn create_chat(
 }
 
 /// `GET /api/v1/chats/user/{user_id}`: the user's chats, newest first by default.
-async fn list_user_chats(
+#[utoipa::path(get, path = "/api/v1/chats/user/{user_id}", tag = "chats", operation_id = "list_user_chats",
+    summary = "List a user's chats",
+    params(("user_id" = String, Path, description = "The user (1 to 128 characters, no control characters).", min_length = 1, max_length = 128, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$"), PageQuery),
+    responses(
+        (status = 200, description = "A page of the user's chats.", body = ChatList),
+        (status = 400, description = "Invalid user id or paging.", body = ErrorBody),
+        (status = 403, description = "A client token of another user, or bound to a chat.", body = ErrorBody),
+        (status = 404, description = "The user is unknown or has no chats.", body = ErrorBody),
+    ),
+    security(("api_key" = []), ("client_token" = [])))]
+pub(crate) async fn list_user_chats(
     req: HttpRequest,
     state: web::Data<AppState>,
     tenant: web::ReqData<Tenant>,
@@ -236,15 +372,29 @@ async fn list_user_chats(
             "No chats found for user '{user_id}'"
         )));
     }
-    let items: Vec<ChatView> = chats.into_iter().map(|c| ChatView::new(c, true)).collect();
-    Ok(HttpResponse::Ok().json(list_body("chats", items, total, page)))
+    let chats: Vec<ChatView> = chats.into_iter().map(|c| ChatView::new(c, true)).collect();
+    Ok(HttpResponse::Ok().json(ChatList {
+        has_more: has_more(chats.len(), total, page),
+        chats,
+        total,
+        offset: page.offset,
+        limit: page.limit,
+    }))
 }
 
 /// `GET /api/v1/chats/{chat_id}`: the chat with `message_count`, `status` and `open_sockets`.
 /// `status` is `active` for every chat that exists (API.md §2: the reference reads `active` for
 /// a chat just created; `closed` is kept for a later feature that closes chats); whether
 /// sockets are open is `open_sockets`, counted on every gateway.
-async fn get_chat(
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}", tag = "chats", operation_id = "get_chat",
+    summary = "Get a chat",
+    params(("chat_id" = String, Path, format = Uuid, description = "The chat's id (a UUID).")),
+    responses(
+        (status = 200, description = "The chat with `message_count`, `status` and `open_sockets`.", body = ChatView),
+        (status = 404, description = "No such chat of this tenant (or of this token's user).", body = ErrorBody),
+    ),
+    security(("api_key" = []), ("client_token" = [])))]
+pub(crate) async fn get_chat(
     state: web::Data<AppState>,
     tenant: web::ReqData<Tenant>,
     token: Option<web::ReqData<ClientToken>>,
@@ -259,7 +409,16 @@ async fn get_chat(
 }
 
 /// `GET /api/v1/chats/{chat_id}/messages`: oldest first by default.
-async fn list_messages(
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}/messages", tag = "chats", operation_id = "list_messages",
+    summary = "List a chat's messages",
+    params(("chat_id" = String, Path, format = Uuid, description = "The chat's id (a UUID)."), PageQuery),
+    responses(
+        (status = 200, description = "A page of the chat's messages.", body = MessageList),
+        (status = 400, description = "Invalid paging.", body = ErrorBody),
+        (status = 404, description = "No such chat of this tenant (or of this token's user).", body = ErrorBody),
+    ),
+    security(("api_key" = []), ("client_token" = [])))]
+pub(crate) async fn list_messages(
     req: HttpRequest,
     state: web::Data<AppState>,
     tenant: web::ReqData<Tenant>,
@@ -269,12 +428,27 @@ async fn list_messages(
     let page = page(&query_map(&req), false)?;
     let chat = owned_chat(&state, &tenant, token.as_deref(), &chat_id).await?;
     let (messages, total) = state.store.list_messages(chat.id, page).await?;
-    let items: Vec<MessageView> = messages.into_iter().map(MessageView::from).collect();
-    Ok(HttpResponse::Ok().json(list_body("messages", items, total, page)))
+    let messages: Vec<MessageView> = messages.into_iter().map(MessageView::from).collect();
+    Ok(HttpResponse::Ok().json(MessageList {
+        has_more: has_more(messages.len(), total, page),
+        messages,
+        total,
+        offset: page.offset,
+        limit: page.limit,
+    }))
 }
 
 /// `DELETE /api/v1/chats/{chat_id}`: 409 while a WebSocket is open on the chat.
-async fn delete_chat(
+#[utoipa::path(delete, path = "/api/v1/chats/{chat_id}", tag = "chats", operation_id = "delete_chat",
+    summary = "Delete a chat and its messages",
+    params(("chat_id" = String, Path, format = Uuid, description = "The chat's id (a UUID).")),
+    responses(
+        (status = 200, description = "Deleted, with its messages, atomically.", body = Deleted),
+        (status = 404, description = "No such chat of this tenant.", body = ErrorBody),
+        (status = 409, description = "A WebSocket is open on the chat, on some gateway.", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub(crate) async fn delete_chat(
     state: web::Data<AppState>,
     tenant: web::ReqData<Tenant>,
     chat_id: web::Path<String>,
@@ -286,9 +460,9 @@ async fn delete_chat(
     if !state.store.delete_chat(tenant.id, chat.id).await? {
         return Err(ApiError::ChatNotFound(chat_id.into_inner()));
     }
-    Ok(HttpResponse::Ok().json(json!({
-        "success": true,
-        "message": "Chat deleted successfully",
-        "deleted_at": Utc::now(),
-    })))
+    Ok(HttpResponse::Ok().json(Deleted {
+        success: true,
+        message: "Chat deleted successfully",
+        deleted_at: Utc::now(),
+    }))
 }

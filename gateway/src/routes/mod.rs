@@ -18,7 +18,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, with_admin: bool) {
     extractors(cfg);
     cfg.service(web::resource("/healthz").get(health::healthz))
         .service(web::resource("/readyz").get(health::readyz))
-        .service(web::resource("/ws/chat").get(crate::ws::ws_chat));
+        .service(web::resource("/ws/chat").get(crate::ws::ws_chat))
+        .configure(crate::docs::configure);
     if with_admin {
         cfg.service(admin::scope());
     }

@@ -5,6 +5,7 @@ mod admin;
 mod clients;
 mod cluster;
 mod delivery;
+mod discovery;
 mod fairness;
 mod faults;
 mod floods;

@@ -443,10 +443,23 @@ async fn cors_answers_preflights_for_allowed_origins_before_authentication() -> 
         .http
         .patch(app.admin_url(&format!("/admin/v1/tenants/{}", app.tenant_id)))
         .bearer_auth(ADMIN)
-        .json(&json!({"settings": {"allowed_origins": ["https://app.example.com/"]}}))
+        .json(&json!({"settings": {"allowed_origins": ["https://app.example.com/app"]}}))
         .send()
         .await?;
     assert_eq!(res.status(), 400, "an origin with a path");
+    // Origins are saved as browsers send them.
+    let res = app
+        .http
+        .patch(app.admin_url(&format!("/admin/v1/tenants/{}", app.tenant_id)))
+        .bearer_auth(ADMIN)
+        .json(&json!({"settings": {"allowed_origins": ["HTTPS://App.Example.com:443/"]}}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        body(res).await["settings"]["allowed_origins"],
+        json!([ALLOWED])
+    );
     Ok(())
 }
 

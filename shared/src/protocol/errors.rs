@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Every error code a client can see (API.md §2 and §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     /// Missing or unknown API key, or a missing handshake parameter.
@@ -101,7 +101,7 @@ impl ErrorCode {
 }
 
 /// The `details` object of an error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetails {
     /// What the client can do about it.
     pub fix: String,

@@ -6,20 +6,25 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 /// A tenant's limits and model choice (API.md §3); every field has a default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantSettings {
     /// Sockets the tenant may hold open at once, across all gateways.
+    #[schema(minimum = 0, maximum = 1_000_000)]
     pub max_connections: u32,
     /// Chat messages per second per connection.
+    #[schema(minimum = 1, maximum = 10_000)]
     pub messages_per_second: u32,
     /// REST requests per minute, across all gateways.
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub requests_per_minute: u32,
     /// Answers of this tenant streamed at once by one worker process; its other chats wait for
     /// a slot while other tenants' chats start at once (the workers' fairness between tenants).
+    #[schema(minimum = 1, maximum = 100_000)]
     pub max_concurrent_answers: u32,
     /// Messages saved and waiting for their answer, all gateways together; one more is refused
     /// with `RATE_LIMITED` and not saved.
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub max_queued_messages: u32,
     /// The model that answers this tenant's chats.
     pub agent: AgentSettings,
@@ -29,6 +34,7 @@ pub struct TenantSettings {
     /// Web origins (`https://app.example.com`, scheme, host and port only) whose pages may call
     /// the tenant API from a browser (CORS) and open its WebSockets; empty: no browser origin
     /// is allowed by CORS and any `Origin` may open a socket (API.md §6).
+    #[schema(value_type = Vec<Origin>, max_items = 100)]
     pub allowed_origins: Vec<String>,
 }
 
@@ -48,25 +54,60 @@ impl Default for TenantSettings {
 }
 
 /// Which model answers, and how.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentSettings {
     /// `mock` (built in) or `openai` (an operator-configured endpoint).
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[a-z0-9_-]+$")]
     pub provider: String,
     /// The model name passed to the provider.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F]*$"
+    )]
     pub model: String,
     /// Sent first in the conversation, when set.
+    #[schema(
+        max_length = 8192,
+        pattern = r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F]*$"
+    )]
     pub system_prompt: Option<String>,
     /// Sampling temperature, when set.
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
     /// Upper bound on answer tokens, when set.
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub max_tokens: Option<u32>,
     /// How many earlier messages of the chat to send as context.
+    #[schema(minimum = 0, maximum = 1_000)]
     pub history_messages: u32,
     /// Provider-specific options (for `mock`: `reply_tokens`, `first_token_delay_ms`,
     /// `token_delay_ms`, `fail_after_tokens`).
+    #[schema(value_type = Object)]
     pub options: Map<String, Value>,
 }
+
+/// An entry of `allowed_origins`, as its schema documents it (`scheme://host[:port]`); saved in
+/// the canonical form browsers send (`HTTPS://App.Example.com:443` is saved as
+/// `https://app.example.com`).
+pub struct Origin;
+
+/// `scheme://host[:port]`: an IPv4 address or a host name ending in a letter, a valid port.
+const ORIGIN_PATTERN: &str = r"^https?://(((25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])|([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?\.)*[a-zA-Z]([a-zA-Z0-9-]*[a-zA-Z0-9])?)(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?$";
+
+impl utoipa::PartialSchema for Origin {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(ORIGIN_PATTERN))
+            .examples(["https://app.example.com"])
+            .description(Some("A web origin: scheme, host and optional port."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Origin {}
 
 /// A setting outside its documented range, named with the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -137,24 +178,43 @@ impl TenantSettings {
             .iter()
             .try_for_each(|o| check_origin(o))
     }
+
+    /// The settings with every origin in canonical form (lowercase host, no default port),
+    /// or the first entry that is not an origin at all.
+    pub fn normalized(mut self) -> Result<Self, SettingOutOfRange> {
+        for origin in &mut self.allowed_origins {
+            *origin = canonical_origin(origin)?;
+        }
+        Ok(self)
+    }
 }
 
-/// An origin as browsers send it: `http` or `https`, a host, an optional port, nothing else
-/// (no path, no trailing slash), in its canonical form (lowercase host, no default port).
-fn check_origin(origin: &str) -> Result<(), SettingOutOfRange> {
+/// `origin` as a browser sends it in `Origin`.
+fn canonical_origin(origin: &str) -> Result<String, SettingOutOfRange> {
     let refuse = |why: &str| {
-        Err(SettingOutOfRange(format!(
+        SettingOutOfRange(format!(
             "allowed_origins entry '{origin}' {why}; write it as a browser sends Origin, e.g. https://app.example.com or http://localhost:3000"
-        )))
+        ))
     };
-    let Ok(url) = url::Url::parse(origin) else {
-        return refuse("is not a URL");
-    };
+    let url = url::Url::parse(origin).map_err(|_| refuse("is not a URL"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return refuse("must use http or https");
+        return Err(refuse("must use http or https"));
     }
-    if url.origin().ascii_serialization() != origin {
-        return refuse("is not an origin in canonical form");
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err(refuse("must not have a path, query or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(refuse("must not carry credentials"));
+    }
+    Ok(url.origin().ascii_serialization())
+}
+
+/// Whether `origin` is in canonical form (what [`TenantSettings::normalized`] saves).
+fn check_origin(origin: &str) -> Result<(), SettingOutOfRange> {
+    if canonical_origin(origin)? != origin {
+        return Err(SettingOutOfRange(format!(
+            "allowed_origins entry '{origin}' is not in canonical form"
+        )));
     }
     Ok(())
 }
@@ -174,7 +234,7 @@ impl Default for AgentSettings {
 }
 
 /// A tenant as the admin API shows it (never with its key).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Tenant {
     /// Tenant id.
     pub id: Uuid,
@@ -269,7 +329,7 @@ pub struct Page {
 }
 
 /// A tenant's model usage on one UTC day.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DailyUsage {
     /// The day.
     pub date: NaiveDate,
