@@ -15,7 +15,7 @@ pub async fn page() -> HttpResponse {
         // The page talks to this gateway only; nothing else may be loaded or framed.
         .insert_header((
             "Content-Security-Policy",
-            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; frame-ancestors 'none'",
+            "default-src 'self'; img-src 'self' data:; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; frame-ancestors 'none'",
         ))
         .body(PAGE)
 }

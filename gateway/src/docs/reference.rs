@@ -53,7 +53,7 @@ fn render(doc: &Value) -> String {
         out,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title} API reference</title><style>{STYLE}</style></head><body>\
+         <title>{title} API reference</title><link rel=\"icon\" href=\"data:,\"><style>{STYLE}</style></head><body>\
          <header><h1>{title} API reference <small>v{version}</small></h1><p>{description}</p>\
          <p><a href=\"/openapi.json\">openapi.json</a> · <a href=\"/playground\">Playground</a></p></header><main>",
         title = esc(str_of(info, "title")),
