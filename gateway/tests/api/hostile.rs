@@ -317,8 +317,8 @@ async fn a_stalled_postgres_fails_requests_within_the_statement_timeout() -> Tes
 
 /// A gateway and a worker at `debug` level, driven through every path that handles a secret
 /// (the admin token on good and bad requests, a key on REST and WebSocket, in the query and
-/// in a header, right and wrong, a database URL with a password): none of the three ever shows
-/// in what the processes print.
+/// in a header, right and wrong, a client token and its pepper, a database URL with a
+/// password): none of them ever shows in what the processes print.
 #[tokio::test]
 async fn keys_admin_tokens_and_database_passwords_never_appear_in_logs() -> TestResult {
     use crate::cluster::Node;
@@ -331,12 +331,15 @@ async fn keys_admin_tokens_and_database_passwords_never_appear_in_logs() -> Test
     );
     assert!(url.contains(password), "{url}");
     let token = "admin-token-S3CRET-0123456789abcdef-0815";
+    let pepper = "token-pepper-S3CRET-2718";
     let env = [
         ("PARLEY_ADMIN_TOKEN", token),
         ("PARLEY_LOG", "debug"),
         ("PARLEY_BOOTSTRAP_TENANT", "false"),
     ];
-    let mut gateway = Node::spawn_with("gateway", &url, &env);
+    let mut gateway_env = env.to_vec();
+    gateway_env.push(("PARLEY_AUTH__TOKEN_SECRET", pepper));
+    let mut gateway = Node::spawn_with("gateway", &url, &gateway_env);
     let mut worker = Node::spawn_with("worker", &url, &env[1..]);
     let app = TestApp::attach(gateway.port.expect("port"));
     let res = app
@@ -377,6 +380,31 @@ async fn keys_admin_tokens_and_database_passwords_never_appear_in_logs() -> Test
     );
     let mut refused = app.ws(&almost, "u", &chat).await;
     refused.closed().await;
+    // A client token, minted, used on a socket and on a read, and one forged from it.
+    let res = app
+        .http
+        .post(app.url("/api/v1/tokens"))
+        .header("X-API-Key", &key)
+        .json(&json!({"user_id": "u"}))
+        .send()
+        .await?;
+    let client_token = body(res).await["token"].as_str().unwrap().to_owned();
+    let url = format!(
+        "ws://127.0.0.1:{}/ws/chat?token={client_token}&chat_id={chat}",
+        app.port
+    );
+    Ws::open(tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?)
+        .await
+        .until("connection_established")
+        .await;
+    let forged = format!("{client_token}x");
+    let read = app
+        .http
+        .get(app.url(&format!("/api/v1/chats/{chat}")))
+        .bearer_auth(&forged)
+        .send()
+        .await?;
+    assert_eq!(read.status(), 401);
     assert!(gateway.terminate(std::time::Duration::from_secs(10)));
     assert!(worker.terminate(std::time::Duration::from_secs(10)));
     let mut printed = gateway.output.lock().unwrap().clone();
@@ -386,7 +414,15 @@ async fn keys_admin_tokens_and_database_passwords_never_appear_in_logs() -> Test
         "debug logging printed next to nothing: {printed:?}"
     );
     for line in &printed {
-        for secret in [password, token, key.as_str(), almost.as_str()] {
+        for secret in [
+            password,
+            token,
+            pepper,
+            key.as_str(),
+            almost.as_str(),
+            client_token.as_str(),
+            forged.as_str(),
+        ] {
             assert!(!line.contains(secret), "a secret in the output: {line}");
         }
     }

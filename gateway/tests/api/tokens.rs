@@ -235,6 +235,35 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 #[tokio::test]
+async fn gateways_with_the_same_token_secret_accept_each_others_tokens_and_others_do_not()
+-> TestResult {
+    let a = spawn_with(|c| c.auth.token_secret = "pepper-one-0123456789".into()).await;
+    let same = start(&a.db_url, |c| {
+        c.auth.token_secret = "pepper-one-0123456789".into()
+    })
+    .await;
+    let other = start(&a.db_url, |c| {
+        c.auth.token_secret = "pepper-two-0123456789".into()
+    })
+    .await;
+    let chat = a.chat("alice").await;
+    let token = mint(&a, &a.api_key, json!({"user_id": "alice"})).await;
+    let path = format!("/api/v1/chats/{chat}");
+    assert_eq!(get_bearer(&same, &token, &path).await.status(), 200);
+    assert_eq!(get_bearer(&other, &token, &path).await.status(), 401);
+    // Without a pepper of its own, a gateway refuses tokens minted under one.
+    assert_eq!(
+        get_bearer(&start(&a.db_url, |_| {}).await, &token, &path)
+            .await
+            .status(),
+        401
+    );
+    same.stop().await;
+    other.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn rotating_the_key_revokes_its_tokens_and_closes_their_sockets() -> TestResult {
     let app = spawn_app().await;
     let chat = app.chat("alice").await;
