@@ -144,19 +144,38 @@ pub struct CreateChat {
     metadata: Option<Map<String, Value>>,
 }
 
-/// A page of a user's chats.
+/// Where a page lies in its list.
 #[derive(Serialize, utoipa::ToSchema)]
-pub struct ChatList {
-    /// The chats.
-    chats: Vec<ChatView>,
-    /// How many there are in all.
+pub struct PageInfo {
+    /// How many items there are in all.
     total: i64,
     /// Items skipped.
     offset: i64,
     /// Largest page asked for.
     limit: i64,
-    /// `offset + chats.len() < total`.
+    /// `offset` + the items of this page < `total`.
     has_more: bool,
+}
+
+impl PageInfo {
+    fn new(len: usize, total: i64, page: Page) -> Self {
+        Self {
+            total,
+            offset: page.offset,
+            limit: page.limit,
+            has_more: page.offset + i64::try_from(len).unwrap_or(i64::MAX) < total,
+        }
+    }
+}
+
+/// A page of a user's chats.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ChatList {
+    /// The chats.
+    chats: Vec<ChatView>,
+    /// Where the page lies.
+    #[serde(flatten)]
+    page: PageInfo,
 }
 
 /// A page of a chat's messages.
@@ -164,14 +183,9 @@ pub struct ChatList {
 pub struct MessageList {
     /// The messages.
     messages: Vec<MessageView>,
-    /// How many there are in all.
-    total: i64,
-    /// Items skipped.
-    offset: i64,
-    /// Largest page asked for.
-    limit: i64,
-    /// `offset + messages.len() < total`.
-    has_more: bool,
+    /// Where the page lies.
+    #[serde(flatten)]
+    page: PageInfo,
 }
 
 /// The paging parameters of the lists (`limit` at most 100; more is 400).
@@ -255,10 +269,6 @@ fn page(query: &HashMap<String, String>, default_desc: bool) -> Result<Page, Api
         limit,
         descending,
     })
-}
-
-fn has_more(len: usize, total: i64, page: Page) -> bool {
-    page.offset + i64::try_from(len).unwrap_or(i64::MAX) < total
 }
 
 fn parse_chat_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -374,11 +384,8 @@ pub(crate) async fn list_user_chats(
     }
     let chats: Vec<ChatView> = chats.into_iter().map(|c| ChatView::new(c, true)).collect();
     Ok(HttpResponse::Ok().json(ChatList {
-        has_more: has_more(chats.len(), total, page),
+        page: PageInfo::new(chats.len(), total, page),
         chats,
-        total,
-        offset: page.offset,
-        limit: page.limit,
     }))
 }
 
@@ -430,11 +437,8 @@ pub(crate) async fn list_messages(
     let (messages, total) = state.store.list_messages(chat.id, page).await?;
     let messages: Vec<MessageView> = messages.into_iter().map(MessageView::from).collect();
     Ok(HttpResponse::Ok().json(MessageList {
-        has_more: has_more(messages.len(), total, page),
+        page: PageInfo::new(messages.len(), total, page),
         messages,
-        total,
-        offset: page.offset,
-        limit: page.limit,
     }))
 }
 
