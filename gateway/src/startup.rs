@@ -50,7 +50,7 @@ impl Application {
         let listener =
             TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
-        let (metrics, metrics_port) = shared::metrics::serve(&config.metrics_bind)
+        let (metrics, metrics_port) = shared::metrics::serve(&config.metrics_bind, None)
             .with_context(|| format!("binding the metrics server to {}", config.metrics_bind))?;
         let state = AppState::new(
             store,
@@ -74,6 +74,7 @@ impl Application {
             n => n,
         };
         let data = web::Data::new(state.clone());
+        let readiness = web::Data::from(state.readiness.clone());
         let admin = match state.config.admin_bind.as_deref() {
             Some(bind) => Some(admin_server(bind, data.clone(), handshake_timeout)?),
             None => None,
@@ -82,6 +83,7 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .app_data(readiness.clone())
                 .configure(|cfg| routes::configure(cfg, public_admin))
         })
         // Events are small frames written one after another; with Nagle's algorithm a frame
@@ -167,17 +169,22 @@ pub struct Stopper {
 
 impl Stopper {
     /// Drains and stops the server and every background task.
+    ///
+    /// The listeners stay open while sockets drain, so that `/readyz` answers 503 `draining`
+    /// (not a refused connection) to load balancers and probes, REST calls in flight or still
+    /// routed here are served, and new WebSocket handshakes are told `SERVICE_UNAVAILABLE`
+    /// (close 1013: try again, elsewhere). Once every socket and task has ended (at most
+    /// `drain_timeout_secs` + 5 s) the listeners close.
     pub async fn stop(&self) {
         self.state.start_draining();
-        self.state.shutdown.token.cancel();
+        let drain = Duration::from_secs(self.state.config.drain_timeout_secs + 5);
+        let _ = tokio::time::timeout(drain, self.state.shutdown.stop()).await;
         self.handle.stop(true).await;
         if let Some(admin) = &self.admin {
             admin.stop(true).await;
         }
         // Scraped until the end, so the drain shows on dashboards.
         self.metrics.stop(true).await;
-        let drain = Duration::from_secs(self.state.config.drain_timeout_secs + 5);
-        let _ = tokio::time::timeout(drain, self.state.shutdown.stop()).await;
     }
 }
 

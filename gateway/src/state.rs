@@ -42,6 +42,8 @@ pub struct AppState {
     pub tokens: Arc<crate::tokens::TokenKeys>,
     /// Origins any tenant allows, for CORS preflights (answered before authentication).
     pub origins: Arc<crate::cors::KnownOrigins>,
+    /// What `/readyz` checks.
+    pub readiness: Arc<shared::health::Readiness>,
     draining: Arc<AtomicBool>,
 }
 
@@ -62,7 +64,14 @@ impl AppState {
         shutdown: Shutdown,
         throttle: crate::throttle::AuthThrottle,
     ) -> Self {
+        let draining = Arc::new(AtomicBool::new(false));
         Self {
+            readiness: Arc::new(shared::health::Readiness::new(
+                store.clone(),
+                broker.clone(),
+                config.timeouts.clone(),
+                draining.clone(),
+            )),
             tokens: Arc::new(crate::tokens::TokenKeys::new(&config.auth.token_secret)),
             origins: Arc::new(crate::cors::KnownOrigins::new(
                 store.clone(),
@@ -79,7 +88,7 @@ impl AppState {
             quotas: Arc::default(),
             chat_owners: Arc::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT)),
-            draining: Arc::new(AtomicBool::new(false)),
+            draining,
         }
     }
 

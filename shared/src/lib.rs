@@ -7,6 +7,7 @@
 //! - [`limits`]: tenant connection leases and request-rate windows.
 //! - [`keys`]: API key generation and hashing.
 //! - [`metrics`]: the Prometheus metrics and their `/metrics` server.
+//! - [`health`]: `/healthz` and `/readyz`, for the gateway and the worker alike.
 //! - [`mocktext`]: the deterministic words of the mock models.
 //! - [`redis_conn`]: the connections to Redis of the distributed broker and limits.
 //! - [`telemetry`]: tracing set-up.
@@ -14,6 +15,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod health;
 pub mod keys;
 pub mod limits;
 pub mod metrics;

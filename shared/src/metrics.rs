@@ -12,7 +12,7 @@
 //! is handed to the sockets. Both cross processes, so they rely on synchronized clocks (NTP), as
 //! any cross-host latency does.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -241,18 +241,29 @@ pub fn seconds_since(t: chrono::DateTime<chrono::Utc>) -> f64 {
 }
 
 /// Serves `GET /metrics` on `bind` until the returned server is stopped; the bound port is
-/// returned too (for `:0`).
-pub fn serve(bind: &str) -> std::io::Result<(actix_web::dev::Server, u16)> {
+/// returned too (for `:0`). With `health`, also `/healthz` and `/readyz` ([`crate::health`]):
+/// the worker's probes, which has no other listener.
+pub fn serve(
+    bind: &str,
+    health: Option<Arc<crate::health::Readiness>>,
+) -> std::io::Result<(actix_web::dev::Server, u16)> {
     use actix_web::{App, HttpResponse, HttpServer, web};
-    let server = HttpServer::new(|| {
-        App::new().route(
+    let server = HttpServer::new(move || {
+        let app = App::new().route(
             "/metrics",
             web::get().to(|| async {
                 HttpResponse::Ok()
                     .content_type("text/plain; version=0.0.4; charset=utf-8")
                     .body(metrics().render())
             }),
-        )
+        );
+        match &health {
+            Some(readiness) => app
+                .app_data(web::Data::from(readiness.clone()))
+                .route("/healthz", web::get().to(crate::health::healthz))
+                .route("/readyz", web::get().to(crate::health::readyz)),
+            None => app,
+        }
     })
     .workers(1)
     .disable_signals()

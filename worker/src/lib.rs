@@ -123,6 +123,20 @@ impl Worker {
         }
     }
 
+    /// What the worker's `/readyz` checks: its store and broker, and `draining`.
+    pub fn readiness(
+        &self,
+        timeouts: shared::config::TimeoutsConfig,
+        draining: Arc<std::sync::atomic::AtomicBool>,
+    ) -> shared::health::Readiness {
+        shared::health::Readiness::new(
+            self.ctx.store.clone(),
+            self.ctx.broker.clone(),
+            timeouts,
+            draining,
+        )
+    }
+
     /// Consumes jobs until `shutdown` fires (or the broker closes), then lets the answers in
     /// progress finish (see [`dispatch`]); `Shutdown::stop` waits for them, so bound it by the
     /// drain timeout. Spawns its tasks on `shutdown`.

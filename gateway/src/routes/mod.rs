@@ -2,7 +2,6 @@
 
 pub mod admin;
 pub mod chats;
-pub mod health;
 pub mod ratelimit;
 pub mod tokens;
 
@@ -16,8 +15,8 @@ use crate::error::ApiError;
 /// routes answer 404 in the error shape.
 pub fn configure(cfg: &mut web::ServiceConfig, with_admin: bool) {
     extractors(cfg);
-    cfg.service(web::resource("/healthz").get(health::healthz))
-        .service(web::resource("/readyz").get(health::readyz))
+    cfg.service(web::resource("/healthz").get(shared::health::healthz))
+        .service(web::resource("/readyz").get(shared::health::readyz))
         .service(web::resource("/ws/chat").get(crate::ws::ws_chat))
         .configure(crate::docs::configure);
     if with_admin {
@@ -30,7 +29,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, with_admin: bool) {
 /// The routes of the operator API's own listener (`PARLEY_ADMIN_BIND`).
 pub fn configure_admin(cfg: &mut web::ServiceConfig) {
     extractors(cfg);
-    cfg.service(web::resource("/healthz").get(health::healthz))
+    cfg.service(web::resource("/healthz").get(shared::health::healthz))
         .service(admin::scope())
         .default_service(web::to(not_found));
 }

@@ -1,4 +1,5 @@
-//! What operators rely on: the Prometheus `/metrics` endpoint and a gateway's drain.
+//! What operators rely on: the Prometheus `/metrics` endpoint, a gateway's drain, and the
+//! worker's health endpoints.
 
 use serde_json::json;
 
@@ -101,5 +102,110 @@ async fn a_stopping_gateway_cuts_a_stream_longer_than_its_drain_timeout() -> Tes
         "a 10 s answer cannot end within a 1 s drain"
     );
     drop(stopping.await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_draining_gateway_says_so_on_readyz_and_turns_new_sockets_away_until_it_stops()
+-> TestResult {
+    let app = spawn_with(|c| c.drain_timeout_secs = 10).await;
+    let key = app
+        .tenant_with(json!({"agent": {"options": {"reply_tokens": 30, "token_delay_ms": 60}}}))
+        .await;
+    let chat = app.chat_as(&key, "u1").await;
+    let mut ws = app.ws(&key, "u1", &chat).await;
+    ws.next().await;
+    ws.send_json(json!({"content": "finish me"})).await;
+    ws.until("message_stream_token").await;
+    let (http, readyz) = (app.http.clone(), app.url("/readyz"));
+    let late = app.ws_request(&key, "u1", &chat);
+    let stopping = tokio::spawn(async move {
+        app.stop().await;
+        app
+    });
+
+    // While the answer streams: still listening, not ready, saying why.
+    let mut draining = None;
+    for _ in 0..50 {
+        let res = http.get(&readyz).send().await?;
+        if res.status() == 503 {
+            draining = Some(body(res).await);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let draining = draining.expect("/readyz turns 503 while draining");
+    assert_eq!(draining["failing"]["draining"], "draining", "{draining}");
+    assert_eq!(draining["checks"]["draining"], true);
+    // A new socket is told to try again elsewhere.
+    let (events, code, _) = Ws::open(late).await.events_then_close().await;
+    assert_eq!(code, 1013, "{events:?}");
+    assert_error(events.last().expect("an error"), "SERVICE_UNAVAILABLE");
+
+    // The streaming socket gets its whole answer, then 1012; then the listener closes.
+    let (events, code, reason) = ws.events_then_close().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event_type"] == "message_stream_ended")
+    );
+    assert_eq!(
+        (code, reason.as_str()),
+        (1012, "server restarting; reconnect")
+    );
+    drop(stopping.await?);
+    assert!(
+        http.get(&readyz).send().await.is_err(),
+        "closed after the drain"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_serves_healthz_and_readyz_and_is_not_ready_without_redis() -> TestResult {
+    use crate::{cluster::Node, servers::OwnRedis};
+    let db = TestDb::postgres().await;
+    let mut redis = OwnRedis::start();
+    let redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    let bind = format!("127.0.0.1:{}", crate::servers::free_port());
+    let mut worker = Node::spawn_with(
+        "worker",
+        &db.url,
+        &[
+            ("PARLEY_REDIS_URL", &redis_url),
+            ("PARLEY_METRICS_BIND", &bind),
+            ("PARLEY_TIMEOUTS__REDIS_MS", "500"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let ready = |want: u16| {
+        let (http, url) = (http.clone(), format!("http://{bind}/readyz"));
+        async move {
+            for _ in 0..100 {
+                if let Ok(res) = http.get(&url).send().await {
+                    if res.status() == want {
+                        return res.json::<serde_json::Value>().await.expect("json");
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("/readyz never answered {want}");
+        }
+    };
+    let up = ready(200).await;
+    assert_eq!(
+        up["checks"],
+        json!({"store": true, "broker": true, "draining": false})
+    );
+    let health = http.get(format!("http://{bind}/healthz")).send().await?;
+    assert_eq!(health.status(), 200);
+
+    redis.stop();
+    let down = ready(503).await;
+    assert!(down["failing"]["broker"].is_string(), "{down}");
+    assert_eq!(down["checks"]["store"], true);
+    redis.restart();
+    ready(200).await;
+    assert!(worker.terminate(std::time::Duration::from_secs(10)));
     Ok(())
 }

@@ -157,3 +157,24 @@ where
         fmt::layer().json().flatten_event(true).boxed()
     }
 }
+
+/// An error with its causes, `outer: inner: innermost`, for log lines.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            // Many errors repeat their cause's message in their own; say it once.
+            let message = e.to_string();
+            if !last.ends_with(&message) {
+                write!(f, ": {message}")?;
+            }
+            last = message;
+            cause = e.source();
+        }
+        Ok(())
+    }
+}
