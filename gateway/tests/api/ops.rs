@@ -182,10 +182,10 @@ async fn a_worker_serves_healthz_and_readyz_and_is_not_ready_without_redis() -> 
         let (http, url) = (http.clone(), format!("http://{bind}/readyz"));
         async move {
             for _ in 0..100 {
-                if let Ok(res) = http.get(&url).send().await {
-                    if res.status() == want {
-                        return res.json::<serde_json::Value>().await.expect("json");
-                    }
+                if let Ok(res) = http.get(&url).send().await
+                    && res.status() == want
+                {
+                    return res.json::<serde_json::Value>().await.expect("json");
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
