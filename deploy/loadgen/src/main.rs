@@ -1,11 +1,14 @@
 //! Parley's load generator.
 //!
 //! Opens N sockets over K chats (spread over several source addresses when asked, since one
-//! address reaches one port over ~28k ephemeral ports), then each chat's first socket sends M
-//! messages, either back to back (the next after the previous answer ended) or paced at a
-//! total rate. Every socket checks the protocol (event order, `message_stream_ended.content`
-//! equal to its tokens). The report gives ack latency and time to first token (p50/p99), tokens
-//! per second delivered to all sockets, and protocol violations. `--idle` only holds sockets
+//! address reaches one port over ~28k ephemeral ports, and over several gateways), then each
+//! chat's first socket sends M messages, either back to back (the next after the previous
+//! answer ended: closed loop) or paced at a total rate (open loop). Every socket checks the
+//! protocol (event order, `message_stream_ended.content` equal to its tokens, `seq` without gap
+//! or duplicate) and reconnects with `last_seq` when closed early ([`socket`]). The report
+//! ([`stats`]) gives connect, ack, TTFT, inter-token and end-to-end latency percentiles,
+//! throughput, goodput, errors and refusals by code, and what the run was; thresholds
+//! ([`thresholds`]) set the exit code. The deadline and Ctrl-C end a run with a partial report. `--idle` only holds sockets
 //! open, for memory measurements. `loadgen drill` runs fault drills instead ([`drill`]),
 //! `loadgen storm` a resume storm ([`storm`]), `loadgen flood` a handshake flood with made-up
 //! keys beside a real client ([`flood`]).
@@ -16,6 +19,7 @@ mod setup;
 mod socket;
 mod stats;
 mod storm;
+mod thresholds;
 
 use std::{
     net::IpAddr,
@@ -23,16 +27,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use clap::Parser;
 use tokio::sync::{Barrier, mpsc};
 
 /// Command-line options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Gateway base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8000")]
-    pub url: String,
+    /// Gateway base URLs, comma-separated (or the flag repeated): sockets are spread over them
+    /// round robin and the report merges them all. Setup calls go to the first.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8000")]
+    pub url: Vec<String>,
     /// Admin token: the load generator creates its own tenant with high limits.
     #[arg(long, env = "PARLEY_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
@@ -79,6 +83,16 @@ pub struct Args {
     /// Also write the JSON report here.
     #[arg(long)]
     pub report: Option<std::path::PathBuf>,
+    /// Pass/fail criteria such as `ttft_p99<50ms` or `errors==0` (repeat the flag); a broken
+    /// one makes the exit code 99 ([`thresholds`]).
+    #[arg(long = "threshold")]
+    pub thresholds: Vec<thresholds::Threshold>,
+    /// An answer that ends within this many milliseconds of its message counts as goodput.
+    #[arg(long, default_value_t = 10_000)]
+    pub goodput_ms: u64,
+    /// Keep the tenant (and its chats) this run created; by default it is deleted at the end.
+    #[arg(long)]
+    pub keep_tenant: bool,
 }
 
 /// The command line: a load run (the flags above), or a subcommand.
@@ -118,26 +132,30 @@ async fn load(args: Args) -> anyhow::Result<()> {
         args.chats >= 1 && args.sockets >= args.chats,
         "need sockets >= chats >= 1"
     );
+    let started_at = std::time::SystemTime::now();
+    let cpu_before = stats::own_cpu_seconds();
     let target = setup::prepare(&args).await?;
     eprintln!("tenant ready, {} chats created", target.chats.len());
     tokio::time::sleep(Duration::from_secs(args.setup_wait)).await;
     eprintln!("opening {} sockets", args.sockets);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let ready = Arc::new(Barrier::new(args.sockets + 1));
     let (pace_txs, pace_rxs): (Vec<_>, Vec<_>) =
-        (0..args.chats).map(|_| mpsc::channel::<()>(1024)).unzip();
+        (0..args.chats).map(|_| mpsc::channel::<()>(4)).unzip();
     let mut pace_rxs: Vec<Option<mpsc::Receiver<()>>> = pace_rxs.into_iter().map(Some).collect();
     let connect_gate = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.sockets {
         let chat = i % args.chats;
         let plan = socket::Plan {
-            ws_url: target.ws_url(chat),
+            ws_url: target.ws_url(chat, i),
             source: args.source_ips[i % args.source_ips.len()],
             sender: i < args.chats,
             messages: args.messages,
             chat_index: chat,
             paced: args.rate > 0.0,
             idle: args.idle.is_some(),
+            goodput_within: Duration::from_millis(args.goodput_ms),
         };
         let pace = if plan.sender {
             pace_rxs[chat].take()
@@ -145,12 +163,19 @@ async fn load(args: Args) -> anyhow::Result<()> {
             None
         };
         let (ready, gate) = (ready.clone(), connect_gate.clone());
-        tasks.spawn(socket::run(plan, pace, ready, gate));
+        tasks.spawn(socket::run(plan, pace, ready, gate, stop.clone()));
     }
-    ready.wait().await;
-    eprintln!("all sockets open");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let mut partial = tokio::select! {
+        _ = ready.wait() => None,
+        () = tokio::time::sleep_until(deadline) => Some("the deadline passed while opening sockets"),
+        _ = tokio::signal::ctrl_c() => Some("interrupted (Ctrl-C) while opening sockets"),
+    };
     let started = Instant::now();
-    if let Some(hold) = args.idle {
+    if partial.is_none() {
+        eprintln!("all sockets open");
+    }
+    if let Some(hold) = args.idle.filter(|_| partial.is_none()) {
         eprintln!("holding {} idle sockets for {hold}s", args.sockets);
         tokio::time::sleep(Duration::from_secs(hold)).await;
         tasks.abort_all();
@@ -160,36 +185,132 @@ async fn load(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    if args.rate > 0.0 {
-        tokio::spawn(pace(pace_txs, args.rate, args.messages));
-    } else {
-        drop(pace_txs);
-    }
+    let pacer = (args.rate > 0.0).then(|| tokio::spawn(pace(pace_txs, args.rate, args.messages)));
     let mut total = stats::Report::new()?;
-    let deadline = Duration::from_secs(args.timeout);
-    while let Some(done) = tokio::time::timeout(deadline, tasks.join_next())
-        .await
-        .context("load run timed out")?
-    {
-        total.merge(done??);
+    while partial.is_none() {
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                Some(done) => total.merge(done??),
+                None => break,
+            },
+            () = tokio::time::sleep_until(deadline) => partial = Some("the deadline (--timeout) passed"),
+            _ = tokio::signal::ctrl_c() => partial = Some("interrupted (Ctrl-C)"),
+        }
     }
-    let summary = total.summary(&args, started.elapsed());
+    if let Some(why) = partial {
+        eprintln!("{why}: stopping the sockets and writing a partial report");
+        let _ = stop_tx.send(true);
+        let grace = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                done = tasks.join_next() => match done {
+                    Some(Ok(Ok(report))) => total.merge(report),
+                    Some(_) => {}
+                    None => break,
+                },
+                () = &mut grace => { tasks.abort_all(); break; }
+            }
+        }
+    }
+    if let Some(pacer) = pacer {
+        pacer.abort();
+        total.dropped_sends += pacer.await.unwrap_or(0);
+    }
+    if !args.keep_tenant
+        && let Err(e) = setup::cleanup(&args, &target).await
+    {
+        eprintln!("could not delete the run's tenant: {e}");
+    }
+    let mut summary = total.summary(started.elapsed());
+    describe_run(&mut summary, &args, started_at, cpu_before, partial);
+    let outcomes: Vec<thresholds::Outcome> = args
+        .thresholds
+        .iter()
+        .map(|t| t.check(&serde_json::Value::Object(summary.clone())))
+        .collect();
+    summary.insert(
+        "thresholds".into(),
+        serde_json::json!(
+            outcomes
+                .iter()
+                .map(|o| serde_json::json!({
+                    "threshold": o.text, "actual": o.actual, "passed": o.passed,
+                }))
+                .collect::<Vec<_>>()
+        ),
+    );
     let text = serde_json::to_string_pretty(&summary)?;
     println!("{text}");
     if let Some(path) = &args.report {
-        std::fs::write(path, text)?;
+        std::fs::write(path, &text)?;
+    }
+    for o in &outcomes {
+        let actual = o.actual.map_or("missing".to_owned(), |a| format!("{a:.3}"));
+        eprintln!(
+            "{} {} (actual {actual})",
+            if o.passed { "✓" } else { "✗" },
+            o.text
+        );
+    }
+    if outcomes.iter().any(|o| !o.passed) {
+        std::process::exit(thresholds::BROKEN_EXIT_CODE);
     }
     Ok(())
 }
 
-/// Sends one tick to each chat in turn at `rate` ticks per second until each had `messages`.
-async fn pace(senders: Vec<mpsc::Sender<()>>, rate: f64, messages: usize) {
+/// What the run was: when, which build, against what, with which parameters, and how much CPU
+/// the generator itself used (near a core per process means the generator is the bottleneck).
+fn describe_run(
+    summary: &mut serde_json::Map<String, serde_json::Value>,
+    args: &Args,
+    started_at: std::time::SystemTime,
+    cpu_before: Option<f64>,
+    partial: Option<&str>,
+) {
+    let unix = started_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let cpu = stats::own_cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
+    let fields = [
+        ("started_at_unix", serde_json::json!(unix)),
+        (
+            "loadgen_version",
+            serde_json::json!(env!("CARGO_PKG_VERSION")),
+        ),
+        ("targets", serde_json::json!(args.url)),
+        ("chats", serde_json::json!(args.chats)),
+        ("messages_per_chat", serde_json::json!(args.messages)),
+        (
+            "mode",
+            serde_json::json!(if args.rate > 0.0 {
+                format!("open loop, {} msg/s", args.rate)
+            } else {
+                "closed loop (back to back)".to_owned()
+            }),
+        ),
+        ("parameters", serde_json::json!(format!("{args:?}"))),
+        ("generator_cpu_s", serde_json::json!(cpu)),
+        ("partial", serde_json::json!(partial.is_some())),
+        ("partial_reason", serde_json::json!(partial)),
+    ];
+    for (k, v) in fields {
+        summary.insert(k.to_owned(), v);
+    }
+}
+
+/// Sends one tick to each chat in turn at `rate` ticks per second until each had `messages`
+/// (open loop: the schedule never waits for answers). A tick its chat cannot take (it is
+/// still busy with earlier ones) is dropped and counted; returns how many were.
+async fn pace(senders: Vec<mpsc::Sender<()>>, rate: f64, messages: usize) -> u64 {
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut dropped = 0;
     for _ in 0..messages {
         for tx in &senders {
             interval.tick().await;
-            let _ = tx.send(()).await;
+            dropped += u64::from(tx.try_send(()).is_err());
         }
     }
+    dropped
 }

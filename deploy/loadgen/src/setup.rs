@@ -7,25 +7,49 @@ use crate::Args;
 
 /// Where the sockets connect.
 pub struct Target {
-    ws_base: String,
+    ws_bases: Vec<String>,
     api_key: String,
     /// The chat ids.
     pub chats: Vec<String>,
+    /// The tenant this run created (deleted at the end unless `--keep-tenant`).
+    pub created_tenant: Option<String>,
 }
 
 impl Target {
-    /// The socket URL for chat `i` (user `lg-<i>`).
-    pub fn ws_url(&self, i: usize) -> String {
+    /// The socket URL for chat `i` (user `lg-<i>`), on the `n`th gateway (round robin).
+    pub fn ws_url(&self, i: usize, n: usize) -> String {
         format!(
             "{}/ws/chat?api_key={}&user_id=lg-{i}&chat_id={}",
-            self.ws_base, self.api_key, self.chats[i]
+            self.ws_bases[n % self.ws_bases.len()],
+            self.api_key,
+            self.chats[i]
         )
     }
+}
+
+/// Deletes the tenant the run created (and with it its chats and messages).
+pub async fn cleanup(args: &Args, target: &Target) -> anyhow::Result<()> {
+    let (Some(id), Some(token)) = (&target.created_tenant, &args.admin_token) else {
+        return Ok(());
+    };
+    let res = reqwest::Client::new()
+        .delete(format!("{}/admin/v1/tenants/{id}", args.url[0]))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        res.status().is_success(),
+        "deleting the tenant: {}",
+        res.status()
+    );
+    Ok(())
 }
 
 /// Creates the tenant (if asked) and the chats.
 pub async fn prepare(args: &Args) -> anyhow::Result<Target> {
     let http = reqwest::Client::new();
+    let url = &args.url[0];
+    let mut created_tenant = None;
     let api_key = match (&args.api_key, &args.admin_token) {
         (Some(key), _) => key.clone(),
         (None, Some(token)) => {
@@ -40,19 +64,26 @@ pub async fn prepare(args: &Args) -> anyhow::Result<Target> {
                     "token_delay_ms": args.token_delay_ms,
                 }},
             });
-            create_tenant(&http, &args.url, token, "loadgen", settings).await?
+            let (id, key) = create_tenant_with_id(&http, url, token, "loadgen", settings).await?;
+            created_tenant = Some(id);
+            key
         }
         (None, None) => bail!("give --admin-token (or PARLEY_ADMIN_TOKEN) or --api-key"),
     };
     let mut chats = Vec::with_capacity(args.chats);
     for i in 0..args.chats {
-        chats.push(create_chat(&http, &args.url, &api_key, &format!("lg-{i}")).await?);
+        chats.push(create_chat(&http, url, &api_key, &format!("lg-{i}")).await?);
     }
-    let ws_base = args.url.replacen("http", "ws", 1);
+    let ws_bases = args
+        .url
+        .iter()
+        .map(|u| u.replacen("http", "ws", 1))
+        .collect();
     Ok(Target {
-        ws_base,
+        ws_bases,
         api_key,
         chats,
+        created_tenant,
     })
 }
 
@@ -67,6 +98,21 @@ pub async fn create_tenant(
     name: &str,
     settings: Value,
 ) -> anyhow::Result<String> {
+    Ok(
+        create_tenant_with_id(http, url, admin_token, name, settings)
+            .await?
+            .1,
+    )
+}
+
+/// As [`create_tenant`]; returns the tenant's id and key.
+pub async fn create_tenant_with_id(
+    http: &reqwest::Client,
+    url: &str,
+    admin_token: &str,
+    name: &str,
+    settings: Value,
+) -> anyhow::Result<(String, String)> {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
@@ -82,10 +128,13 @@ pub async fn create_tenant(
         bail!("creating the tenant failed: {}", res.text().await?);
     }
     let body: Value = res.json().await?;
-    Ok(body["api_key"]
-        .as_str()
-        .context("api_key in the response")?
-        .to_owned())
+    let field = |name: &str| {
+        body[name]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("{name} in the response"))
+    };
+    Ok((field("id")?, field("api_key")?))
 }
 
 /// Creates a chat for `user_id`; returns its id.

@@ -1,11 +1,19 @@
 //! One load socket: connect (from a chosen source address), then send and/or check events.
+//!
+//! A socket never ends the run without a result: a refused handshake is counted by its error
+//! code (and the socket still reports to the start barrier, so the others go on), and a socket
+//! closed before its answers are all in (1012 from a draining gateway, 1013, a dropped
+//! connection) reconnects as a real client would, resuming with `last_seq` and resending its
+//! unacknowledged messages under the same `client_message_id` (saved once), up to
+//! [`MAX_RECONNECTS`] times with backoff. The stop signal (the run's deadline, Ctrl-C) ends it
+//! at once with what it has.
 
 use std::{
     borrow::Cow,
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -13,11 +21,16 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::{
     net::TcpSocket,
-    sync::{Barrier, Semaphore, mpsc},
+    sync::{Barrier, Semaphore, mpsc, watch},
 };
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
 
 use crate::stats::Report;
+
+/// Reconnections a socket tries before it gives up on its chat.
+pub const MAX_RECONNECTS: u64 = 10;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// What one socket does.
 pub struct Plan {
@@ -35,6 +48,8 @@ pub struct Plan {
     pub paced: bool,
     /// Only hold the socket open.
     pub idle: bool,
+    /// An answer that ends within this long of its message counts towards goodput.
+    pub goodput_within: Duration,
 }
 
 #[derive(Deserialize)]
@@ -49,19 +64,14 @@ struct Event<'a> {
     message_id: Option<String>,
     #[serde(default)]
     reply_to: Option<String>,
-}
-
-async fn connect(
-    plan: &Plan,
-) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
-    connect_from(&plan.ws_url, plan.source).await
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(borrow, default)]
+    error_code: Option<Cow<'a, str>>,
 }
 
 /// Opens a socket to `ws_url` from the local address `source`.
-pub async fn connect_from(
-    ws_url: &str,
-    source: IpAddr,
-) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
+pub async fn connect_from(ws_url: &str, source: IpAddr) -> anyhow::Result<Ws> {
     let rest = ws_url.strip_prefix("ws://").context("ws:// URL")?;
     let host = rest.split('/').next().context("host")?;
     let addr: SocketAddr = tokio::net::lookup_host(host)
@@ -80,50 +90,93 @@ pub async fn connect_from(
     Ok(ws)
 }
 
+/// Connects and waits for `connection_established`; a refusal is counted in `report` by its
+/// error code (`connect` when no socket opened, `closed` when it closed without a word).
+async fn open(plan: &Plan, last_seq: Option<u64>, report: &mut Report) -> Option<Ws> {
+    let url = match last_seq {
+        Some(seq) => format!("{}&last_seq={seq}", plan.ws_url),
+        None => plan.ws_url.clone(),
+    };
+    let started = Instant::now();
+    let Ok(mut ws) = connect_from(&url, plan.source).await else {
+        Report::count(&mut report.refused, "connect");
+        return None;
+    };
+    while let Some(Ok(msg)) = ws.next().await {
+        let Message::Text(text) = msg else { continue };
+        let Ok(e) = serde_json::from_str::<Event>(&text) else {
+            report.violations += 1;
+            continue;
+        };
+        match e.event_type.as_ref() {
+            "connection_established" => {
+                Report::record(&mut report.connect_us, started.elapsed());
+                return Some(ws);
+            }
+            "error" => {
+                Report::count(
+                    &mut report.refused,
+                    e.error_code.as_deref().unwrap_or("error"),
+                );
+                return None;
+            }
+            _ => {}
+        }
+    }
+    Report::count(&mut report.refused, "closed");
+    None
+}
+
 /// The sender's bookkeeping: sends by content, then by message id, for latency.
 #[derive(Default)]
 struct Pending {
     sent: usize,
-    by_content: HashMap<String, Instant>,
+    /// Sent, not yet acknowledged: content → (frame, sent at).
+    unacked: HashMap<String, (String, Instant)>,
     by_id: HashMap<String, Instant>,
-    awaiting_first_token: Option<Instant>,
 }
 
-/// Runs the socket to completion and reports what it saw.
+/// The answer being streamed to this socket.
+#[derive(Default)]
+struct Answer {
+    id: Option<String>,
+    /// The user message it answers.
+    reply_to: Option<String>,
+    text: String,
+    /// When its message was sent (the sender's own answers only).
+    sent_at: Option<Instant>,
+    awaiting_first_token: bool,
+    last_token_at: Option<Instant>,
+}
+
+/// Runs the socket to completion (or until `stop`) and reports what it saw.
 pub async fn run(
     plan: Plan,
     mut pace: Option<mpsc::Receiver<()>>,
     ready: Arc<Barrier>,
     gate: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Report> {
-    let ws = {
-        let _permit = gate.acquire().await?;
-        connect(&plan).await?
-    };
-    let (mut tx, mut rx) = ws.split();
-    loop {
-        let msg = rx
-            .next()
-            .await
-            .context("closed before connection_established")??;
-        if let Message::Text(t) = msg {
-            let e: Event = serde_json::from_str(&t)?;
-            anyhow::ensure!(e.event_type != "error", "refused: {t}");
-            if e.event_type == "connection_established" {
-                break;
-            }
-        }
-    }
-    ready.wait().await;
     let mut report = Report::new()?;
+    let opened = {
+        let _permit = gate.acquire().await?;
+        open(&plan, None, &mut report).await
+    };
+    // Always: the run goes on with the sockets that did open.
+    ready.wait().await;
+    let Some(ws) = opened else { return Ok(report) };
     report.sockets = 1;
+    let (mut tx, mut rx) = ws.split();
     if plan.idle {
-        while rx.next().await.is_some() {}
+        tokio::select! {
+            _ = async { while rx.next().await.is_some() {} } => {}
+            _ = stop.changed() => {}
+        }
         return Ok(report);
     }
     let mut pending = Pending::default();
-    let (mut in_stream, mut streamed, mut first_token) = (false, String::new(), false);
-    let mut current: Option<String> = None;
+    let mut answer = Answer::default();
+    let mut last_seq: Option<u64> = None;
     if plan.sender && !plan.paced {
         send_next(&plan, &mut pending, &mut tx).await?;
     }
@@ -136,55 +189,173 @@ pub async fn run(
                 }
                 continue;
             }
+            _ = stop.changed() => break,
         };
-        let Some(msg) = msg else { break };
-        let Message::Text(text) = msg? else { continue };
+        let text = match msg {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => {
+                if !closed(close_code(frame.as_ref()), &mut report) {
+                    break;
+                }
+                let Some(ws) = reopen(&plan, last_seq, &mut report, &mut stop).await else {
+                    break;
+                };
+                (tx, rx) = ws.split();
+                resend_unacked(&mut pending, &mut tx).await?;
+                continue;
+            }
+            None | Some(Err(_)) => {
+                if !closed(1006, &mut report) {
+                    break;
+                }
+                let Some(ws) = reopen(&plan, last_seq, &mut report, &mut stop).await else {
+                    break;
+                };
+                (tx, rx) = ws.split();
+                resend_unacked(&mut pending, &mut tx).await?;
+                continue;
+            }
+            Some(Ok(_)) => continue,
+        };
         let Ok(e) = serde_json::from_str::<Event>(&text) else {
             report.violations += 1;
             continue;
         };
-        match e.event_type.as_ref() {
-            "message_received" if plan.sender => {
-                let content = e.content.as_deref().unwrap_or_default();
-                if let (Some(at), Some(id)) = (pending.by_content.remove(content), e.message_id) {
-                    Report::record(&mut report.ack_us, at.elapsed());
-                    pending.by_id.insert(id, at);
-                }
-            }
-            "message_stream_started" => {
-                // A restarted answer (its worker died) starts again under the same id.
-                let restart = in_stream && e.message_id == current;
-                current.clone_from(&e.message_id);
-                report.violations += u64::from(in_stream && !restart);
-                (in_stream, first_token) = (true, true);
-                streamed.clear();
-                pending.awaiting_first_token = e.reply_to.and_then(|r| pending.by_id.remove(&r));
-            }
-            "message_stream_token" => {
-                report.violations += u64::from(!in_stream);
-                report.tokens += 1;
-                streamed.push_str(e.token.as_deref().unwrap_or_default());
-                if std::mem::take(&mut first_token)
-                    && let Some(at) = pending.awaiting_first_token.take()
-                {
-                    Report::record(&mut report.ttft_us, at.elapsed());
-                }
-            }
-            "message_stream_ended" => {
-                report.violations +=
-                    u64::from(!in_stream || e.content.as_deref() != Some(streamed.as_str()));
-                in_stream = false;
-                report.answers += 1;
-                if plan.sender && !plan.paced && pending.sent < plan.messages {
-                    send_next(&plan, &mut pending, &mut tx).await?;
-                }
-            }
-            "error" => report.errors += 1,
-            _ => {}
+        if let Some(seq) = e.seq.filter(|_| e.event_type != "connection_established") {
+            // Each chat event is the one after the last: no gap, no duplicate, across resumes.
+            report.violations += u64::from(last_seq.is_some_and(|last| seq != last + 1));
+            last_seq = Some(seq);
+        } else if e.event_type == "connection_established" {
+            last_seq = last_seq.or(e.seq);
+        }
+        let ended = on_event(&plan, &e, &mut pending, &mut answer, &mut report);
+        if ended && plan.sender && !plan.paced && pending.sent < plan.messages {
+            send_next(&plan, &mut pending, &mut tx).await?;
         }
     }
     let _ = tx.close().await;
     Ok(report)
+}
+
+/// Handles one chat event; true when it ended an answer.
+fn on_event(
+    plan: &Plan,
+    e: &Event<'_>,
+    pending: &mut Pending,
+    answer: &mut Answer,
+    report: &mut Report,
+) -> bool {
+    match e.event_type.as_ref() {
+        "message_received" if plan.sender => {
+            let content = e.content.as_deref().unwrap_or_default();
+            if let (Some((_, at)), Some(id)) = (pending.unacked.remove(content), &e.message_id) {
+                Report::record(&mut report.ack_us, at.elapsed());
+                pending.by_id.insert(id.clone(), at);
+            }
+        }
+        "message_stream_started" => {
+            // A restarted answer (its worker died) starts again under the same id.
+            let restart = answer.id.is_some() && e.message_id == answer.id;
+            report.violations += u64::from(answer.id.is_some() && !restart);
+            let sent_at = e
+                .reply_to
+                .as_ref()
+                .and_then(|r| pending.by_id.get(r).copied());
+            *answer = Answer {
+                id: e.message_id.clone(),
+                reply_to: e.reply_to.clone(),
+                sent_at: sent_at.or(if restart { answer.sent_at } else { None }),
+                awaiting_first_token: !restart || answer.awaiting_first_token,
+                ..Answer::default()
+            };
+        }
+        "message_stream_token" => {
+            report.violations += u64::from(answer.id.is_none());
+            report.tokens += 1;
+            answer.text.push_str(e.token.as_deref().unwrap_or_default());
+            let now = Instant::now();
+            if let Some(prev) = answer.last_token_at.replace(now) {
+                Report::record(&mut report.itl_us, now - prev);
+            }
+            if std::mem::take(&mut answer.awaiting_first_token)
+                && let Some(at) = answer.sent_at
+            {
+                Report::record(&mut report.ttft_us, at.elapsed());
+            }
+        }
+        "message_stream_ended" => {
+            report.violations += u64::from(
+                answer.id.is_none() || e.content.as_deref() != Some(answer.text.as_str()),
+            );
+            if let Some(at) = answer.sent_at {
+                let e2e = at.elapsed();
+                Report::record(&mut report.e2e_us, e2e);
+                report.good_answers += u64::from(e2e <= plan.goodput_within);
+            }
+            if let Some(r) = &answer.reply_to {
+                pending.by_id.remove(r);
+            }
+            *answer = Answer::default();
+            report.answers += 1;
+            return true;
+        }
+        "error" => {
+            let code = e.error_code.as_deref().unwrap_or("error");
+            Report::count(&mut report.errors, code);
+            // The events after last_seq are gone: the answer in progress cannot be checked.
+            if code == "RESUME_UNAVAILABLE" {
+                *answer = Answer::default();
+            }
+        }
+        _ => {}
+    }
+    false
+}
+
+fn close_code(frame: Option<&CloseFrame>) -> u16 {
+    frame.map_or(1005, |f| u16::from(f.code))
+}
+
+/// Counts a close; true when a client would reconnect after it (not after a refusal).
+fn closed(code: u16, report: &mut Report) -> bool {
+    Report::count(&mut report.errors, &format!("closed_{code}"));
+    !matches!(code, 1008 | 1009) && report.reconnects < MAX_RECONNECTS
+}
+
+/// Reconnects with `last_seq`, with backoff (0.1 s doubling to 2 s), until it opens, the
+/// attempts are spent, or the run stops.
+async fn reopen(
+    plan: &Plan,
+    last_seq: Option<u64>,
+    report: &mut Report,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Ws> {
+    let mut backoff = Duration::from_millis(100);
+    while report.reconnects < MAX_RECONNECTS {
+        report.reconnects += 1;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return None,
+        }
+        if let Some(ws) = open(plan, last_seq, report).await {
+            return Some(ws);
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    None
+}
+
+async fn resend_unacked<S>(pending: &mut Pending, tx: &mut S) -> anyhow::Result<()>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    for (frame, _) in pending.unacked.values() {
+        // A failure here is the next close, handled by the loop.
+        if tx.send(Message::text(frame.clone())).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 async fn send_next<S>(plan: &Plan, pending: &mut Pending, tx: &mut S) -> anyhow::Result<()>
@@ -192,9 +363,15 @@ where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     let content = format!("lg-{}-{}", plan.chat_index, pending.sent);
-    let frame = serde_json::json!({ "content": content }).to_string();
-    pending.by_content.insert(content, Instant::now());
+    // The content doubles as the idempotency key: a resend after a reconnect is saved once.
+    let frame = serde_json::json!({ "content": content, "client_message_id": content }).to_string();
     pending.sent += 1;
-    tx.send(Message::text(frame)).await?;
+    pending
+        .unacked
+        .insert(content, (frame.clone(), Instant::now()));
+    if tx.send(Message::text(frame)).await.is_err() {
+        // Closed under us: the frame stays unacknowledged and goes again after the reconnect.
+        return Ok(());
+    }
     Ok(())
 }

@@ -1,0 +1,199 @@
+//! The load generator against a real embedded gateway (on port 0): a run whose handshakes are
+//! partly refused still ends with a report that counts them, and thresholds set the exit code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+use shared::config::Config;
+
+const ADMIN: &str = "loadgen-test-admin-token-0123456789abcdef";
+
+struct App {
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn spawn_gateway() -> App {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = Config {
+        bind: "127.0.0.1:0".into(),
+        metrics_bind: "127.0.0.1:0".into(),
+        database_url: format!("sqlite://{}", dir.path().join("lg.db").display()),
+        admin_token: Some(ADMIN.into()),
+        bootstrap_tenant: false,
+        ..Config::default()
+    };
+    let app = gateway::Application::build(config).await.unwrap();
+    let url = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until_stopped());
+    App { url, _dir: dir }
+}
+
+async fn tenant(app: &App, settings: Value) -> String {
+    let res = reqwest::Client::new()
+        .post(format!("{}/admin/v1/tenants", app.url))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": format!("t-{}", uuid_ish()), "settings": settings}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    res.json::<Value>().await.unwrap()["api_key"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn uuid_ish() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Runs the loadgen binary to its end; returns its exit code and its report.
+async fn loadgen(args: &[&str]) -> (i32, Value) {
+    let dir = tempfile::TempDir::new().unwrap();
+    let report = dir.path().join("report.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    cmd.args(args).arg("--report").arg(&report);
+    let status = tokio::task::spawn_blocking(move || cmd.status().unwrap())
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&report).unwrap_or_else(|_| "null".into());
+    (
+        status.code().unwrap_or(-1),
+        serde_json::from_str(&text).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_handshakes_are_counted_and_the_run_still_reports() {
+    let app = spawn_gateway().await;
+    // Five connection slots for ten sockets (each its chat's sender): five are refused with
+    // CONNECTION_LIMIT, the other five are answered.
+    let key = tenant(
+        &app,
+        json!({"max_connections": 5, "messages_per_second": 1000}),
+    )
+    .await;
+    let (code, report) = loadgen(&[
+        "--url",
+        &app.url,
+        "--api-key",
+        &key,
+        "--sockets",
+        "10",
+        "--chats",
+        "10",
+        "--messages",
+        "2",
+        "--timeout",
+        "60",
+    ])
+    .await;
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["refused_by_code"]["CONNECTION_LIMIT"], 5, "{report}");
+    assert_eq!(report["sockets"], 5);
+    assert_eq!(report["partial"], false);
+    assert_eq!(report["answers"], 10, "{report}");
+    assert_eq!(report["protocol_violations"], 0);
+    for latency in ["connect_ms", "ack_ms", "ttft_ms", "itl_ms", "e2e_ms"] {
+        for stat in ["avg", "min", "p50", "p90", "p95", "p99", "p99_9", "max"] {
+            assert!(
+                report[latency][stat].is_number(),
+                "{latency}.{stat}: {report}"
+            );
+        }
+    }
+    assert!(report["generator_cpu_s"].is_number());
+    assert_eq!(report["targets"], json!([app.url]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_threshold_sets_the_exit_code_and_the_tenant_goes_away() {
+    let app = spawn_gateway().await;
+    let base = [
+        "--url",
+        &app.url,
+        "--admin-token",
+        ADMIN,
+        "--sockets",
+        "4",
+        "--chats",
+        "2",
+        "--messages",
+        "2",
+        "--reply-tokens",
+        "5",
+    ];
+    let (code, report) = loadgen(
+        &[
+            &base[..],
+            &["--threshold", "errors==0", "--threshold", "ttft_p99<60s"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report["thresholds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["passed"] == true)
+    );
+    let (code, report) = loadgen(&[&base[..], &["--threshold", "ttft_p99<1us"]].concat()).await;
+    assert_eq!(code, 99, "{report}");
+    assert_eq!(report["thresholds"][0]["passed"], false);
+    // Both runs deleted the tenant they created.
+    let tenants: Value = reqwest::Client::new()
+        .get(format!("{}/admin/v1/tenants", app.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tenants["total"], 0, "{tenants}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_cut_by_its_deadline_writes_a_partial_report() {
+    let app = spawn_gateway().await;
+    let started = std::time::Instant::now();
+    let (code, report) = loadgen(&[
+        "--url",
+        &app.url,
+        "--admin-token",
+        ADMIN,
+        "--sockets",
+        "2",
+        "--chats",
+        "1",
+        "--messages",
+        "3",
+        "--reply-tokens",
+        "200",
+        "--token-delay-ms",
+        "50",
+        "--timeout",
+        "2",
+    ])
+    .await;
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["partial"], true, "{report}");
+    assert!(
+        report["partial_reason"]
+            .as_str()
+            .unwrap()
+            .contains("deadline")
+    );
+    assert!(
+        report["tokens_delivered"].as_u64().unwrap() > 0,
+        "what the sockets saw is kept"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
