@@ -15,6 +15,8 @@
 
 mod drill;
 mod flood;
+mod live;
+mod report;
 mod setup;
 mod socket;
 mod stats;
@@ -83,6 +85,10 @@ pub struct Args {
     /// Also write the JSON report here.
     #[arg(long)]
     pub report: Option<std::path::PathBuf>,
+    /// Write `report.json`, `timeseries.csv` and `report.html` (plots) into this directory;
+    /// `{time}` in it becomes the run's start (UTC, `20261202T153000Z`), one folder per run.
+    #[arg(long)]
+    pub out: Option<String>,
     /// Pass/fail criteria such as `ttft_p99<50ms` or `errors==0` (repeat the flag); a broken
     /// one makes the exit code 99 ([`thresholds`]).
     #[arg(long = "threshold")]
@@ -139,6 +145,7 @@ async fn load(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.setup_wait)).await;
     eprintln!("opening {} sockets", args.sockets);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let live = live::Live::new()?;
     let ready = Arc::new(Barrier::new(args.sockets + 1));
     let (pace_txs, pace_rxs): (Vec<_>, Vec<_>) =
         (0..args.chats).map(|_| mpsc::channel::<()>(4)).unzip();
@@ -156,6 +163,7 @@ async fn load(args: Args) -> anyhow::Result<()> {
             paced: args.rate > 0.0,
             idle: args.idle.is_some(),
             goodput_within: Duration::from_millis(args.goodput_ms),
+            live: live.clone(),
         };
         let pace = if plan.sender {
             pace_rxs[chat].take()
@@ -165,6 +173,8 @@ async fn load(args: Args) -> anyhow::Result<()> {
         let (ready, gate) = (ready.clone(), connect_gate.clone());
         tasks.spawn(socket::run(plan, pace, ready, gate, stop.clone()));
     }
+    let (sampled_tx, sampled) = tokio::sync::watch::channel(false);
+    let sampler = tokio::spawn(live.clone().sample(sampled));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let mut partial = tokio::select! {
         _ = ready.wait() => None,
@@ -213,6 +223,8 @@ async fn load(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    let _ = sampled_tx.send(true);
+    let rows = sampler.await.unwrap_or_default();
     if let Some(pacer) = pacer {
         pacer.abort();
         total.dropped_sends += pacer.await.unwrap_or(0);
@@ -245,6 +257,13 @@ async fn load(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.report {
         std::fs::write(path, &text)?;
     }
+    if let Some(dir) = &args.out {
+        let stamp = chrono::DateTime::<chrono::Utc>::from(started_at).format("%Y%m%dT%H%M%SZ");
+        let dir = std::path::PathBuf::from(dir.replace("{time}", &stamp.to_string()));
+        report::write(&dir, &summary, &rows, &total)?;
+        eprintln!("report written to {}", dir.display());
+    }
+    eprint!("{}", table(&summary));
     for o in &outcomes {
         let actual = o.actual.map_or("missing".to_owned(), |a| format!("{a:.3}"));
         eprintln!(
@@ -257,6 +276,39 @@ async fn load(args: Args) -> anyhow::Result<()> {
         std::process::exit(thresholds::BROKEN_EXIT_CODE);
     }
     Ok(())
+}
+
+/// The end-of-run summary for the terminal, as k6 prints it.
+fn table(summary: &serde_json::Map<String, serde_json::Value>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let stat = |h: &serde_json::Value, s: &str| h.get(s).and_then(serde_json::Value::as_f64);
+    for name in ["connect_ms", "ack_ms", "ttft_ms", "itl_ms", "e2e_ms"] {
+        let Some(h) = summary.get(name).filter(|h| stat(h, "p50").is_some()) else {
+            continue;
+        };
+        let _ = write!(out, "  {:<11}", name.trim_end_matches("_ms"));
+        for s in ["avg", "min", "p50", "p90", "p95", "p99", "max"] {
+            let _ = write!(out, " {s}={:.2}ms", stat(h, s).unwrap_or(0.0));
+        }
+        out.push('\n');
+    }
+    for key in [
+        "answers",
+        "tokens_per_second",
+        "messages_per_second",
+        "goodput",
+        "errors",
+        "refused",
+        "reconnects",
+        "protocol_violations",
+        "dropped_sends",
+    ] {
+        if let Some(v) = summary.get(key) {
+            let _ = writeln!(out, "  {key:<20} {v}");
+        }
+    }
+    out
 }
 
 /// What the run was: when, which build, against what, with which parameters, and how much CPU

@@ -25,7 +25,7 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
 
-use crate::stats::Report;
+use crate::{live::Live, stats::Report};
 
 /// Reconnections a socket tries before it gives up on its chat.
 pub const MAX_RECONNECTS: u64 = 10;
@@ -50,6 +50,8 @@ pub struct Plan {
     pub idle: bool,
     /// An answer that ends within this long of its message counts towards goodput.
     pub goodput_within: Duration,
+    /// The run's live counters.
+    pub live: Arc<Live>,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +102,7 @@ async fn open(plan: &Plan, last_seq: Option<u64>, report: &mut Report) -> Option
     let started = Instant::now();
     let Ok(mut ws) = connect_from(&url, plan.source).await else {
         Report::count(&mut report.refused, "connect");
+        Live::add(&plan.live.errors);
         return None;
     };
     while let Some(Ok(msg)) = ws.next().await {
@@ -111,6 +114,9 @@ async fn open(plan: &Plan, last_seq: Option<u64>, report: &mut Report) -> Option
         match e.event_type.as_ref() {
             "connection_established" => {
                 Report::record(&mut report.connect_us, started.elapsed());
+                plan.live
+                    .open
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Some(ws);
             }
             "error" => {
@@ -118,12 +124,14 @@ async fn open(plan: &Plan, last_seq: Option<u64>, report: &mut Report) -> Option
                     &mut report.refused,
                     e.error_code.as_deref().unwrap_or("error"),
                 );
+                Live::add(&plan.live.errors);
                 return None;
             }
             _ => {}
         }
     }
     Report::count(&mut report.refused, "closed");
+    Live::add(&plan.live.errors);
     None
 }
 
@@ -177,6 +185,7 @@ pub async fn run(
     let mut pending = Pending::default();
     let mut answer = Answer::default();
     let mut last_seq: Option<u64> = None;
+    let mut connected = true;
     if plan.sender && !plan.paced {
         send_next(&plan, &mut pending, &mut tx).await?;
     }
@@ -191,31 +200,27 @@ pub async fn run(
             }
             _ = stop.changed() => break,
         };
-        let text = match msg {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(frame))) => {
-                if !closed(close_code(frame.as_ref()), &mut report) {
-                    break;
-                }
-                let Some(ws) = reopen(&plan, last_seq, &mut report, &mut stop).await else {
-                    break;
-                };
-                (tx, rx) = ws.split();
-                resend_unacked(&mut pending, &mut tx).await?;
-                continue;
-            }
-            None | Some(Err(_)) => {
-                if !closed(1006, &mut report) {
-                    break;
-                }
-                let Some(ws) = reopen(&plan, last_seq, &mut report, &mut stop).await else {
-                    break;
-                };
-                (tx, rx) = ws.split();
-                resend_unacked(&mut pending, &mut tx).await?;
-                continue;
-            }
+        let received = match msg {
+            Some(Ok(Message::Text(text))) => Ok(text),
+            Some(Ok(Message::Close(frame))) => Err(close_code(frame.as_ref())),
+            None | Some(Err(_)) => Err(1006),
             Some(Ok(_)) => continue,
+        };
+        let text = match received {
+            Ok(text) => text,
+            Err(code) => {
+                connected = false;
+                if !closed(&plan, code, &mut report) {
+                    break;
+                }
+                let Some(ws) = reopen(&plan, last_seq, &mut report, &mut stop).await else {
+                    break;
+                };
+                connected = true;
+                (tx, rx) = ws.split();
+                resend_unacked(&mut pending, &mut tx).await?;
+                continue;
+            }
         };
         let Ok(e) = serde_json::from_str::<Event>(&text) else {
             report.violations += 1;
@@ -233,7 +238,12 @@ pub async fn run(
             send_next(&plan, &mut pending, &mut tx).await?;
         }
     }
-    let _ = tx.close().await;
+    if connected {
+        let _ = tx.close().await;
+        plan.live
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(report)
 }
 
@@ -250,6 +260,7 @@ fn on_event(
             let content = e.content.as_deref().unwrap_or_default();
             if let (Some((_, at)), Some(id)) = (pending.unacked.remove(content), &e.message_id) {
                 Report::record(&mut report.ack_us, at.elapsed());
+                Live::add(&plan.live.messages);
                 pending.by_id.insert(id.clone(), at);
             }
         }
@@ -272,6 +283,7 @@ fn on_event(
         "message_stream_token" => {
             report.violations += u64::from(answer.id.is_none());
             report.tokens += 1;
+            Live::add(&plan.live.tokens);
             answer.text.push_str(e.token.as_deref().unwrap_or_default());
             let now = Instant::now();
             if let Some(prev) = answer.last_token_at.replace(now) {
@@ -281,6 +293,7 @@ fn on_event(
                 && let Some(at) = answer.sent_at
             {
                 Report::record(&mut report.ttft_us, at.elapsed());
+                plan.live.ttft(at.elapsed());
             }
         }
         "message_stream_ended" => {
@@ -297,11 +310,13 @@ fn on_event(
             }
             *answer = Answer::default();
             report.answers += 1;
+            Live::add(&plan.live.answers);
             return true;
         }
         "error" => {
             let code = e.error_code.as_deref().unwrap_or("error");
             Report::count(&mut report.errors, code);
+            Live::add(&plan.live.errors);
             // The events after last_seq are gone: the answer in progress cannot be checked.
             if code == "RESUME_UNAVAILABLE" {
                 *answer = Answer::default();
@@ -317,8 +332,13 @@ fn close_code(frame: Option<&CloseFrame>) -> u16 {
 }
 
 /// Counts a close; true when a client would reconnect after it (not after a refusal).
-fn closed(code: u16, report: &mut Report) -> bool {
+fn closed(plan: &Plan, code: u16, report: &mut Report) -> bool {
     Report::count(&mut report.errors, &format!("closed_{code}"));
+    Live::add(&plan.live.errors);
+    plan.live
+        .open
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    // Counted open again only once a reconnect succeeds (in `open`).
     !matches!(code, 1008 | 1009) && report.reconnects < MAX_RECONNECTS
 }
 

@@ -29,7 +29,7 @@ pub struct Report {
     pub violations: u64,
     /// Paced sends that could not go out on time (the generator or the socket fell behind).
     pub dropped_sends: u64,
-    /// Answers that ended within the goodput bound.
+    /// Answers (of the sender's own messages) that ended within the goodput bound.
     pub good_answers: u64,
     /// TCP connect → `connection_established`, microseconds.
     pub connect_us: Histogram<u64>,
@@ -138,10 +138,12 @@ impl Report {
         put("reconnects", json!(self.reconnects));
         put("protocol_violations", json!(self.violations));
         put("dropped_sends", json!(self.dropped_sends));
-        let goodput = if self.answers == 0 {
+        // Of the answers a sender timed (the other sockets of a chat see them too).
+        let timed = self.e2e_us.len();
+        let goodput = if timed == 0 {
             0.0
         } else {
-            self.good_answers as f64 / self.answers as f64
+            self.good_answers as f64 / timed as f64
         };
         put("goodput", json!(goodput));
         out

@@ -197,3 +197,81 @@ async fn a_run_cut_by_its_deadline_writes_a_partial_report() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_writes_the_report_the_time_series_and_a_page_of_plots() {
+    let app = spawn_gateway().await;
+    let out = tempfile::TempDir::new().unwrap();
+    let pattern = out.path().join("run-{time}");
+    let (code, _) = loadgen(&[
+        "--url",
+        &app.url,
+        "--admin-token",
+        ADMIN,
+        "--sockets",
+        "6",
+        "--chats",
+        "3",
+        "--messages",
+        "4",
+        "--reply-tokens",
+        "30",
+        "--token-delay-ms",
+        "40",
+        "--out",
+        pattern.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0);
+    // `{time}` became the run's start: one folder per run.
+    let made: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let name = made[0].file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(name.starts_with("run-20") && name.ends_with('Z'), "{name}");
+    let dir = made[0].clone();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["answers"], 6 * 4);
+    assert!(report["itl_ms"]["p99"].is_number() && report["e2e_ms"]["max"].is_number());
+    let csv = std::fs::read_to_string(dir.join("timeseries.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some(
+            "t_s,open_sockets,messages_per_s,tokens_per_s,answers_per_s,errors,ttft_p50_ms,ttft_p99_ms"
+        )
+    );
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|f| f.parse().unwrap()).collect())
+        .collect();
+    assert!(
+        !rows.is_empty(),
+        "one row per second of a run of several seconds"
+    );
+    assert!(rows.iter().all(|r| r.len() == 8));
+    assert!(
+        rows.iter().any(|r| r[1] == 6.0 && r[3] > 0.0),
+        "open sockets and tokens/s: {csv}"
+    );
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(
+        html.matches("<svg").count() >= 9,
+        "five plots over time and four histograms"
+    );
+    for title in [
+        "Throughput",
+        "Time to first token",
+        "Open sockets",
+        "Errors",
+        "Inter-token latency",
+    ] {
+        assert!(html.contains(title), "{title}");
+    }
+    assert!(
+        !html.contains("<script") && !html.contains("src=\"http") && !html.contains("href=\"http"),
+        "self-contained"
+    );
+}
