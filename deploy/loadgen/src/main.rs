@@ -17,6 +17,7 @@ mod drill;
 mod flood;
 mod live;
 mod report;
+mod scenario;
 mod setup;
 mod socket;
 mod stats;
@@ -54,9 +55,21 @@ pub struct Args {
     /// Messages each chat sends.
     #[arg(long, default_value_t = 10)]
     pub messages: usize,
-    /// Total messages per second across all chats; 0 sends back to back.
+    /// Total messages per second across all chats (open loop); 0 sends back to back (closed
+    /// loop).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Open-loop stages `DURATION:RATE` (repeat the flag): ramps and spikes, the rate moving
+    /// linearly to each stage's target ([`scenario`]); the run lasts as long as they do.
+    #[arg(long = "stage")]
+    pub stages: Vec<scenario::Stage>,
+    /// Run for this long (`10m`, `1h`: a soak), each chat sending until then instead of
+    /// `--messages` times; the sockets are stopped at the end (answers in flight are not counted).
+    #[arg(long, value_parser = scenario::parse_duration)]
+    pub duration: Option<Duration>,
+    /// A TOML file of these settings by name (see [`scenario`]); flags on the command line win.
+    #[arg(long)]
+    pub scenario: Option<String>,
     /// Tokens per answer (mock model option, set on the created tenant).
     #[arg(long, default_value_t = 50)]
     pub reply_tokens: u32,
@@ -103,7 +116,11 @@ pub struct Args {
 
 /// The command line: a load run (the flags above), or a subcommand.
 #[derive(Debug, Parser)]
-#[command(name = "loadgen", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "loadgen",
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -124,7 +141,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(with_scenario(std::env::args().collect())?);
     match cli.command {
         Some(Command::Drill(args)) => drill::run(args).await,
         Some(Command::Storm(args)) => storm::run(args).await,
@@ -133,12 +150,41 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The command line with a `--scenario` file's settings put ahead of its own flags.
+fn with_scenario(argv: Vec<String>) -> anyhow::Result<Vec<String>> {
+    let at = argv
+        .iter()
+        .position(|a| a == "--scenario" || a.starts_with("--scenario="));
+    let Some(at) = at else { return Ok(argv) };
+    let path = match argv[at].strip_prefix("--scenario=") {
+        Some(p) => p.to_owned(),
+        None => argv
+            .get(at + 1)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("--scenario needs a file"))?,
+    };
+    let mut out = vec![argv[0].clone()];
+    out.extend(scenario::file_args(&path)?);
+    out.extend(argv.into_iter().skip(1));
+    Ok(out)
+}
+
 async fn load(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.chats >= 1 && args.sockets >= args.chats,
         "need sockets >= chats >= 1"
     );
     let started_at = std::time::SystemTime::now();
+    // A run bounded by time: a soak (--duration) or a schedule of stages.
+    let bounded = args
+        .duration
+        .or((!args.stages.is_empty()).then(|| scenario::total(&args.stages)));
+    let messages = if bounded.is_some() {
+        usize::MAX
+    } else {
+        args.messages
+    };
+    let paced = args.rate > 0.0 || !args.stages.is_empty();
     let cpu_before = stats::own_cpu_seconds();
     let target = setup::prepare(&args).await?;
     eprintln!("tenant ready, {} chats created", target.chats.len());
@@ -158,9 +204,9 @@ async fn load(args: Args) -> anyhow::Result<()> {
             ws_url: target.ws_url(chat, i),
             source: args.source_ips[i % args.source_ips.len()],
             sender: i < args.chats,
-            messages: args.messages,
+            messages,
             chat_index: chat,
-            paced: args.rate > 0.0,
+            paced,
             idle: args.idle.is_some(),
             goodput_within: Duration::from_millis(args.goodput_ms),
             live: live.clone(),
@@ -195,7 +241,19 @@ async fn load(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let pacer = (args.rate > 0.0).then(|| tokio::spawn(pace(pace_txs, args.rate, args.messages)));
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let pacer = paced.then(|| {
+        tokio::spawn(scenario::pace(
+            pace_txs,
+            args.rate,
+            args.stages.clone(),
+            messages,
+            dropped.clone(),
+        ))
+    });
+    let run_end = bounded.map_or(deadline, |b| {
+        (tokio::time::Instant::now() + b).min(deadline)
+    });
     let mut total = stats::Report::new()?;
     while partial.is_none() {
         tokio::select! {
@@ -203,12 +261,19 @@ async fn load(args: Args) -> anyhow::Result<()> {
                 Some(done) => total.merge(done??),
                 None => break,
             },
-            () = tokio::time::sleep_until(deadline) => partial = Some("the deadline (--timeout) passed"),
+            () = tokio::time::sleep_until(run_end) => {
+                if bounded.is_some() && run_end < deadline {
+                    break;
+                }
+                partial = Some("the deadline (--timeout) passed");
+            }
             _ = tokio::signal::ctrl_c() => partial = Some("interrupted (Ctrl-C)"),
         }
     }
-    if let Some(why) = partial {
-        eprintln!("{why}: stopping the sockets and writing a partial report");
+    if partial.is_some() || bounded.is_some() {
+        if let Some(why) = partial {
+            eprintln!("{why}: stopping the sockets and writing a partial report");
+        }
         let _ = stop_tx.send(true);
         let grace = tokio::time::sleep(Duration::from_secs(5));
         tokio::pin!(grace);
@@ -227,8 +292,8 @@ async fn load(args: Args) -> anyhow::Result<()> {
     let rows = sampler.await.unwrap_or_default();
     if let Some(pacer) = pacer {
         pacer.abort();
-        total.dropped_sends += pacer.await.unwrap_or(0);
     }
+    total.dropped_sends += dropped.load(std::sync::atomic::Ordering::Relaxed);
     if !args.keep_tenant
         && let Err(e) = setup::cleanup(&args, &target).await
     {
@@ -335,11 +400,22 @@ fn describe_run(
         ("messages_per_chat", serde_json::json!(args.messages)),
         (
             "mode",
-            serde_json::json!(if args.rate > 0.0 {
+            serde_json::json!(if !args.stages.is_empty() {
+                let stages: Vec<String> = args
+                    .stages
+                    .iter()
+                    .map(|s| format!("{:?}→{}/s", s.duration, s.target))
+                    .collect();
+                format!("open loop, stages {}", stages.join(", "))
+            } else if args.rate > 0.0 {
                 format!("open loop, {} msg/s", args.rate)
             } else {
                 "closed loop (back to back)".to_owned()
             }),
+        ),
+        (
+            "duration_s",
+            serde_json::json!(args.duration.map(|d| d.as_secs_f64())),
         ),
         ("parameters", serde_json::json!(format!("{args:?}"))),
         ("generator_cpu_s", serde_json::json!(cpu)),
@@ -349,20 +425,4 @@ fn describe_run(
     for (k, v) in fields {
         summary.insert(k.to_owned(), v);
     }
-}
-
-/// Sends one tick to each chat in turn at `rate` ticks per second until each had `messages`
-/// (open loop: the schedule never waits for answers). A tick its chat cannot take (it is
-/// still busy with earlier ones) is dropped and counted; returns how many were.
-async fn pace(senders: Vec<mpsc::Sender<()>>, rate: f64, messages: usize) -> u64 {
-    let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut dropped = 0;
-    for _ in 0..messages {
-        for tx in &senders {
-            interval.tick().await;
-            dropped += u64::from(tx.try_send(()).is_err());
-        }
-    }
-    dropped
 }

@@ -137,6 +137,11 @@ async fn a_broken_threshold_sets_the_exit_code_and_the_tenant_goes_away() {
     )
     .await;
     assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        report["thresholds"].as_array().unwrap().len(),
+        2,
+        "both kept"
+    );
     assert!(
         report["thresholds"]
             .as_array()
@@ -273,5 +278,51 @@ async fn out_writes_the_report_the_time_series_and_a_page_of_plots() {
     assert!(
         !html.contains("<script") && !html.contains("src=\"http") && !html.contains("href=\"http"),
         "self-contained"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scenario_file_ramps_and_spikes_for_as_long_as_its_stages_last() {
+    let app = spawn_gateway().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let file = dir.path().join("spike.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "url = \"{}\"\nadmin_token = \"{ADMIN}\"\nsockets = 8\nchats = 4\nreply_tokens = 10\n\
+             stage = [\"1s:20\", \"500ms:80\", \"1s:0\"]\nthreshold = [\"protocol_violations==0\"]\n",
+            app.url
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let (code, report) = loadgen(&[
+        "--scenario",
+        file.to_str().unwrap(),
+        "--sockets",
+        "12",
+        "--chats",
+        "6",
+    ])
+    .await;
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["sockets"], 12, "the command line wins over the file");
+    assert_eq!(report["partial"], false, "{report}");
+    assert!(
+        report["mode"]
+            .as_str()
+            .unwrap()
+            .starts_with("open loop, stages")
+    );
+    assert!(report["answers"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(
+        report["thresholds"][0]["threshold"],
+        "protocol_violations==0"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(2_500)
+            && took < std::time::Duration::from_secs(30),
+        "{took:?}"
     );
 }
