@@ -190,6 +190,7 @@ async fn load(args: Args) -> anyhow::Result<()> {
     eprintln!("tenant ready, {} chats created", target.chats.len());
     tokio::time::sleep(Duration::from_secs(args.setup_wait)).await;
     eprintln!("opening {} sockets", args.sockets);
+    let opening = Instant::now();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let live = live::Live::new()?;
     let ready = Arc::new(Barrier::new(args.sockets + 1));
@@ -227,6 +228,7 @@ async fn load(args: Args) -> anyhow::Result<()> {
         () = tokio::time::sleep_until(deadline) => Some("the deadline passed while opening sockets"),
         _ = tokio::signal::ctrl_c() => Some("interrupted (Ctrl-C) while opening sockets"),
     };
+    let opened_in = opening.elapsed();
     let started = Instant::now();
     if partial.is_none() {
         eprintln!("all sockets open");
@@ -300,6 +302,11 @@ async fn load(args: Args) -> anyhow::Result<()> {
         eprintln!("could not delete the run's tenant: {e}");
     }
     let mut summary = total.summary(started.elapsed());
+    // Handshakes completed per second while the sockets were being opened.
+    summary.insert(
+        "connect_rate_per_s".into(),
+        serde_json::json!(total.connect_us.len() as f64 / opened_in.as_secs_f64().max(1e-9)),
+    );
     describe_run(&mut summary, &args, started_at, cpu_before, partial);
     let outcomes: Vec<thresholds::Outcome> = args
         .thresholds

@@ -214,18 +214,7 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
     let chat_id = Uuid::parse_str(&raw_chat).map_err(|_| not_found())?;
     // The chat's owner is checked before a slot is taken: a socket on someone else's chat
     // must not count as open on it (it would hold off that chat's deletion).
-    let owner = match state.chat_owners.user_of(tenant.id, chat_id) {
-        Some(owner) => owner,
-        None => {
-            let chat = state
-                .store
-                .get_chat(tenant.id, chat_id)
-                .await?
-                .ok_or_else(not_found)?;
-            state.chat_owners.learn(tenant.id, chat_id, &chat.user_id);
-            Arc::from(chat.user_id.as_str())
-        }
-    };
+    let owner = chat_user(state, tenant.id, chat_id, &raw_chat).await?;
     if let Some(token) = &token
         && !token.may_use(chat_id, &owner)
     {
@@ -255,6 +244,26 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
         _lease: lease,
         watch: state.revocations.watch(&key_hash, tenant.id),
     })
+}
+
+/// The user the tenant's chat was created for (remembered in [`ChatOwners`]), or
+/// `ChatNotFound` when the chat is not the tenant's.
+async fn chat_user(
+    state: &AppState,
+    tenant: Uuid,
+    chat_id: Uuid,
+    raw: &str,
+) -> Result<Arc<str>, ApiError> {
+    if let Some(owner) = state.chat_owners.user_of(tenant, chat_id) {
+        return Ok(owner);
+    }
+    let chat = state
+        .store
+        .get_chat(tenant, chat_id)
+        .await?
+        .ok_or_else(|| ApiError::ChatNotFound(raw.to_owned()))?;
+    state.chat_owners.learn(tenant, chat_id, &chat.user_id);
+    Ok(Arc::from(chat.user_id.as_str()))
 }
 
 /// Who a socket is, from its key or token.
