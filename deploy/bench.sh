@@ -4,6 +4,9 @@
 #   deploy/bench.sh ttft         # a steady 200 messages/s over 200 chats
 #   deploy/bench.sh idle [N] [K] # gateway memory per idle socket at N sockets over K chats (10000, 100)
 #   deploy/bench.sh storm [N] [K] # N sockets (10000) over K chats (100) dropped and resumed at once
+#   deploy/bench.sh connect [N] [K] # connect rate: N sockets (15000) over K fresh chats (3000) opened
+#                                # 512 at a time; prints the rate, connect p50/p99 and the gateway's
+#                                # CPU per handshake
 #   deploy/bench.sh fairness     # tenant B's time to first token (50 msg/s), alone and while tenant A
 #                                # fills the worker with slow answers (3,000 chats, 200 ms per token)
 #   deploy/bench.sh flood [R]    # R upgrades/s with made-up keys (5000) from 50 addresses: a real
@@ -17,6 +20,8 @@
 # Reports land in reports/. The gateway and the load generator share this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Sockets are file descriptors: raise the soft limit as far as the hard one allows.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mode=${1:-throughput}
 cargo build --release -q -p gateway -p worker -p loadgen
 mkdir -p reports
@@ -80,6 +85,23 @@ case "$mode" in
     wait $lgpid || true
     echo "{\"sockets\": $n, \"rss_before_kib\": $before, \"rss_with_sockets_kib\": $during, \"kib_per_socket\": $(awk -v d="$during" -v b="$before" -v n="$n" 'BEGIN {printf "%.2f", (d - b) / n}')}" \
       | tee reports/idle.json ;;
+  connect)
+    n=${2:-15000}
+    $lg --url "http://127.0.0.1:$port" --sockets "$n" --chats "${3:-3000}" --messages 1 --reply-tokens 1 \
+        --connect-concurrency "${CONNECT_CONCURRENCY:-512}" --source-ips 127.0.0.1,127.0.0.2 \
+        --report reports/connect.json >/dev/null 2>reports/connect.log &
+    lgpid=$!
+    until grep -q "opening" reports/connect.log 2>/dev/null; do sleep 0.05; done
+    c0=$(cpu_line)
+    until grep -q -e "all sockets open" -e "partial" reports/connect.log 2>/dev/null; do sleep 0.02; done
+    c1=$(cpu_line)
+    wait $lgpid || true
+    echo "$c0 $c1" | awk -v n="$n" -v w="${wk:+1}" '{h = w ? 4 : 3; printf "gateway cpu per handshake: %.0f us", ($(h+1) - $1) * 1e6 / n;
+      if (w) printf ", redis %.0f us, postgres %.0f us", ($(h+3) - $3) * 1e6 / n, ($(h+4) - $4) * 1e6 / n; print ""}'
+    python3 -c "
+import json; d = json.load(open('reports/connect.json'))
+print(json.dumps({'connect_rate_per_s': round(d['connect_rate_per_s']), 'connect_ms': d['connect_ms'],
+                  'refused': d['refused_by_code'], 'generator_cpu_s': d['generator_cpu_s']}, indent=2))" ;;
   storm)
     $lg storm --url "http://127.0.0.1:$port" --sockets "${2:-10000}" --chats "${3:-100}" \
         --source-ips 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4 --report reports/storm.json ;;

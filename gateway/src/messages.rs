@@ -26,10 +26,14 @@ use crate::{error::ApiError, state::AppState};
 /// A connection's message rate limiter.
 pub type MessageLimiter = governor::DefaultDirectRateLimiter;
 
+/// The clock every connection's limiter reads: one per process, since making a clock
+/// calibrates it (a `cpuid` and a few reads of the time, a visible share of a handshake).
+static CLOCK: std::sync::LazyLock<DefaultClock> = std::sync::LazyLock::new(DefaultClock::default);
+
 /// A limiter allowing `per_second` messages per second (at least one).
 pub fn limiter(per_second: u32) -> MessageLimiter {
     let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
-    RateLimiter::direct(Quota::per_second(per_second))
+    RateLimiter::direct_with_clock(Quota::per_second(per_second), CLOCK.clone())
 }
 
 /// Counts one client frame against the connection's rate. Every text frame counts (messages,
@@ -37,7 +41,7 @@ pub fn limiter(per_second: u32) -> MessageLimiter {
 /// bound; WebSocket control frames do not.
 pub fn count_frame(limiter: &MessageLimiter, per_second: u32) -> Result<(), ApiError> {
     limiter.check().map_err(|not_until| {
-        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        let wait = not_until.wait_time_from(CLOCK.now());
         ApiError::TooManyMessages {
             per_second,
             retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),

@@ -65,6 +65,9 @@ impl AppState {
         throttle: crate::throttle::AuthThrottle,
     ) -> Self {
         let draining = Arc::new(AtomicBool::new(false));
+        let chat_owners = Arc::new(crate::ws::ChatOwners::new(std::time::Duration::from_secs(
+            config.limits.tenant_cache_secs,
+        )));
         Self {
             readiness: Arc::new(shared::health::Readiness::new(
                 store.clone(),
@@ -86,7 +89,7 @@ impl AppState {
             tenants,
             shutdown,
             quotas: Arc::default(),
-            chat_owners: Arc::default(),
+            chat_owners,
             handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT)),
             draining,
         }

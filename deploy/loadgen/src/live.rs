@@ -12,7 +12,7 @@ use std::{
 
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Counters shared by every socket of the run.
 pub struct Live {
@@ -31,7 +31,7 @@ pub struct Live {
 }
 
 /// One second of the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// Seconds since the sockets were open.
     pub t: f64,
@@ -76,17 +76,19 @@ impl Live {
         }
     }
 
-    /// Samples once a second until stopped, drawing the progress line; returns the rows.
-    pub async fn sample(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) -> Vec<Row> {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
+    /// Samples once a second until stopped, drawing the progress line (or, in a shard process,
+    /// printing each row for the parent); returns the rows.
+    pub async fn sample(
+        self: Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        shard: bool,
+    ) -> Vec<Row> {
+        let bar = if shard { ProgressBar::hidden() } else { bar() };
         let started = Instant::now();
         let mut every = tokio::time::interval(Duration::from_secs(1));
         every.tick().await;
         let (mut rows, mut last, mut last_at) = (Vec::new(), [0u64; 4], Instant::now());
+        let mut errors_so_far = 0;
         loop {
             tokio::select! {
                 _ = every.tick() => {}
@@ -117,10 +119,11 @@ impl Live {
                 ttft_p50_ms: p50,
                 ttft_p99_ms: p99,
             };
-            bar.set_message(format!(
-                "sockets {} · {:.0} msg/s · {:.0} tokens/s · TTFT p50 {:.1} ms p99 {:.1} ms · errors {}",
-                row.open_sockets, row.messages_per_s, row.tokens_per_s, p50, p99, now[3]
-            ));
+            if shard {
+                crate::shards::emit(&serde_json::json!({ "row": row }));
+            }
+            errors_so_far += row.errors;
+            bar.set_message(describe(&row, errors_so_far));
             bar.tick();
             rows.push(row);
             last = now;
@@ -128,4 +131,36 @@ impl Live {
         bar.finish_and_clear();
         rows
     }
+}
+
+impl Row {
+    /// Adds another process's row of the same second: counts and rates add up, the TTFT
+    /// percentiles are the worse of the two (percentiles do not add).
+    pub fn add(&mut self, other: &Row) {
+        self.open_sockets += other.open_sockets;
+        self.messages_per_s += other.messages_per_s;
+        self.tokens_per_s += other.tokens_per_s;
+        self.answers_per_s += other.answers_per_s;
+        self.errors += other.errors;
+        self.ttft_p50_ms = self.ttft_p50_ms.max(other.ttft_p50_ms);
+        self.ttft_p99_ms = self.ttft_p99_ms.max(other.ttft_p99_ms);
+    }
+}
+
+/// The progress line's spinner.
+pub fn bar() -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar
+}
+
+/// The progress line for a second, with the errors so far.
+pub fn describe(row: &Row, errors: u64) -> String {
+    format!(
+        "sockets {} · {:.0} msg/s · {:.0} tokens/s · TTFT p50 {:.1} ms p99 {:.1} ms · errors {errors}",
+        row.open_sockets, row.messages_per_s, row.tokens_per_s, row.ttft_p50_ms, row.ttft_p99_ms
+    )
 }

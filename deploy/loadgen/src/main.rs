@@ -19,6 +19,7 @@ mod live;
 mod report;
 mod scenario;
 mod setup;
+mod shards;
 mod socket;
 mod stats;
 mod storm;
@@ -112,6 +113,16 @@ pub struct Args {
     /// Keep the tenant (and its chats) this run created; by default it is deleted at the end.
     #[arg(long)]
     pub keep_tenant: bool,
+    /// Generator processes to spread the sockets over, one merged report ([`shards`]); 0
+    /// takes as many as the sockets need under the open-files limit.
+    #[arg(long, default_value_t = 0)]
+    pub processes: usize,
+    /// This process is shard I of N of a parent's run (set by the parent).
+    #[arg(long, hide = true)]
+    pub shard: Option<shards::Shard>,
+    /// The chats of the parent's run, one id a line (set by the parent for its shards).
+    #[arg(long, hide = true)]
+    pub chat_ids_file: Option<std::path::PathBuf>,
 }
 
 /// The command line: a load run (the flags above), or a subcommand.
@@ -175,6 +186,39 @@ async fn load(args: Args) -> anyhow::Result<()> {
         "need sockets >= chats >= 1"
     );
     let started_at = std::time::SystemTime::now();
+    let cpu_before = stats::own_cpu_seconds();
+    let target = setup::prepare(&args).await?;
+    let processes = shards::processes(&args);
+    anyhow::ensure!(
+        processes == 1 || args.idle.is_none(),
+        "--idle runs in one process (--processes 1)"
+    );
+    if args.shard.is_none() {
+        eprintln!("tenant ready, {} chats created", target.chats.len());
+    }
+    tokio::time::sleep(Duration::from_secs(args.setup_wait)).await;
+    let run = if processes > 1 {
+        eprintln!(
+            "opening {} sockets over {processes} processes",
+            args.sockets
+        );
+        shards::run(&args, &target, processes).await?
+    } else {
+        match sockets(&args, &target).await? {
+            Some(run) => run,
+            None => return Ok(()),
+        }
+    };
+    if args.shard.is_some() {
+        let cpu = stats::own_cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
+        return shards::emit_report(&run.report, run.partial.as_deref(), cpu);
+    }
+    finish(&args, &target, run, started_at, cpu_before).await
+}
+
+/// Runs this process's sockets (all of them, or its shard's) to the run's end; `None` for an
+/// `--idle` run, which only holds them.
+async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<shards::Merged>> {
     // A run bounded by time: a soak (--duration) or a schedule of stages.
     let bounded = args
         .duration
@@ -185,21 +229,19 @@ async fn load(args: Args) -> anyhow::Result<()> {
         args.messages
     };
     let paced = args.rate > 0.0 || !args.stages.is_empty();
-    let cpu_before = stats::own_cpu_seconds();
-    let target = setup::prepare(&args).await?;
-    eprintln!("tenant ready, {} chats created", target.chats.len());
-    tokio::time::sleep(Duration::from_secs(args.setup_wait)).await;
-    eprintln!("opening {} sockets", args.sockets);
+    let shard = args.shard.unwrap_or(shards::Shard { index: 0, of: 1 });
+    let mine: Vec<usize> = (0..args.sockets).filter(|&i| shard.owns(i)).collect();
+    if args.shard.is_none() {
+        eprintln!("opening {} sockets", args.sockets);
+    }
     let opening = Instant::now();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let live = live::Live::new()?;
-    let ready = Arc::new(Barrier::new(args.sockets + 1));
-    let (pace_txs, pace_rxs): (Vec<_>, Vec<_>) =
-        (0..args.chats).map(|_| mpsc::channel::<()>(4)).unzip();
-    let mut pace_rxs: Vec<Option<mpsc::Receiver<()>>> = pace_rxs.into_iter().map(Some).collect();
+    let ready = Arc::new(Barrier::new(mine.len() + 1));
+    let mut pace_txs = Vec::new();
     let connect_gate = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency));
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..args.sockets {
+    for &i in &mine {
         let chat = i % args.chats;
         let plan = socket::Plan {
             ws_url: target.ws_url(chat, i),
@@ -212,16 +254,16 @@ async fn load(args: Args) -> anyhow::Result<()> {
             goodput_within: Duration::from_millis(args.goodput_ms),
             live: live.clone(),
         };
-        let pace = if plan.sender {
-            pace_rxs[chat].take()
-        } else {
-            None
-        };
+        let pace = plan.sender.then(|| {
+            let (tx, rx) = mpsc::channel::<()>(4);
+            pace_txs.push(tx);
+            rx
+        });
         let (ready, gate) = (ready.clone(), connect_gate.clone());
         tasks.spawn(socket::run(plan, pace, ready, gate, stop.clone()));
     }
     let (sampled_tx, sampled) = tokio::sync::watch::channel(false);
-    let sampler = tokio::spawn(live.clone().sample(sampled));
+    let sampler = tokio::spawn(live.clone().sample(sampled, args.shard.is_some()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let mut partial = tokio::select! {
         _ = ready.wait() => None,
@@ -231,7 +273,11 @@ async fn load(args: Args) -> anyhow::Result<()> {
     let opened_in = opening.elapsed();
     let started = Instant::now();
     if partial.is_none() {
-        eprintln!("all sockets open");
+        if args.shard.is_some() {
+            shards::emit(&serde_json::json!({"open": true}));
+        } else {
+            eprintln!("all sockets open");
+        }
     }
     if let Some(hold) = args.idle.filter(|_| partial.is_none()) {
         eprintln!("holding {} idle sockets for {hold}s", args.sockets);
@@ -241,14 +287,24 @@ async fn load(args: Args) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({"mode": "idle", "sockets": args.sockets, "held_secs": hold})
         );
-        return Ok(());
+        return Ok(None);
     }
     let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // This process's share of the schedule: its senders' share of the chats.
+    let share = pace_txs.len() as f64 / args.chats as f64;
     let pacer = paced.then(|| {
+        let stages = args
+            .stages
+            .iter()
+            .map(|s| scenario::Stage {
+                target: s.target * share,
+                ..*s
+            })
+            .collect();
         tokio::spawn(scenario::pace(
             pace_txs,
-            args.rate,
-            args.stages.clone(),
+            args.rate * share,
+            stages,
             messages,
             dropped.clone(),
         ))
@@ -296,18 +352,41 @@ async fn load(args: Args) -> anyhow::Result<()> {
         pacer.abort();
     }
     total.dropped_sends += dropped.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(Some(shards::Merged {
+        report: total,
+        rows,
+        opened_in,
+        ran_for: started.elapsed(),
+        partial: partial.map(str::to_owned),
+        shard_cpu_s: None,
+    }))
+}
+
+/// The end of a run: the tenant deleted, the summary, the report files, the thresholds'
+/// verdict (the exit code).
+async fn finish(
+    args: &Args,
+    target: &setup::Target,
+    run: shards::Merged,
+    started_at: std::time::SystemTime,
+    cpu_before: Option<f64>,
+) -> anyhow::Result<()> {
     if !args.keep_tenant
-        && let Err(e) = setup::cleanup(&args, &target).await
+        && let Err(e) = setup::cleanup(args, target).await
     {
         eprintln!("could not delete the run's tenant: {e}");
     }
-    let mut summary = total.summary(started.elapsed());
+    let total = run.report;
+    let mut summary = total.summary(run.ran_for);
     // Handshakes completed per second while the sockets were being opened.
     summary.insert(
         "connect_rate_per_s".into(),
-        serde_json::json!(total.connect_us.len() as f64 / opened_in.as_secs_f64().max(1e-9)),
+        serde_json::json!(total.connect_us.len() as f64 / run.opened_in.as_secs_f64().max(1e-9)),
     );
-    describe_run(&mut summary, &args, started_at, cpu_before, partial);
+    let cpu = stats::own_cpu_seconds()
+        .zip(cpu_before)
+        .map(|(a, b)| a - b + run.shard_cpu_s.unwrap_or(0.0));
+    describe_run(&mut summary, args, started_at, cpu, run.partial.as_deref());
     let outcomes: Vec<thresholds::Outcome> = args
         .thresholds
         .iter()
@@ -332,10 +411,10 @@ async fn load(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.out {
         let stamp = chrono::DateTime::<chrono::Utc>::from(started_at).format("%Y%m%dT%H%M%SZ");
         let dir = std::path::PathBuf::from(dir.replace("{time}", &stamp.to_string()));
-        report::write(&dir, &summary, &rows, &total)?;
+        report::write(&dir, &summary, &run.rows, &total)?;
         eprintln!("report written to {}", dir.display());
     }
-    eprint!("{}", table(&summary));
+    eprint!("{}", report::table(&summary));
     for o in &outcomes {
         let actual = o.actual.map_or("missing".to_owned(), |a| format!("{a:.3}"));
         eprintln!(
@@ -350,52 +429,18 @@ async fn load(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The end-of-run summary for the terminal, as k6 prints it.
-fn table(summary: &serde_json::Map<String, serde_json::Value>) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let stat = |h: &serde_json::Value, s: &str| h.get(s).and_then(serde_json::Value::as_f64);
-    for name in ["connect_ms", "ack_ms", "ttft_ms", "itl_ms", "e2e_ms"] {
-        let Some(h) = summary.get(name).filter(|h| stat(h, "p50").is_some()) else {
-            continue;
-        };
-        let _ = write!(out, "  {:<11}", name.trim_end_matches("_ms"));
-        for s in ["avg", "min", "p50", "p90", "p95", "p99", "max"] {
-            let _ = write!(out, " {s}={:.2}ms", stat(h, s).unwrap_or(0.0));
-        }
-        out.push('\n');
-    }
-    for key in [
-        "answers",
-        "tokens_per_second",
-        "messages_per_second",
-        "goodput",
-        "errors",
-        "refused",
-        "reconnects",
-        "protocol_violations",
-        "dropped_sends",
-    ] {
-        if let Some(v) = summary.get(key) {
-            let _ = writeln!(out, "  {key:<20} {v}");
-        }
-    }
-    out
-}
-
 /// What the run was: when, which build, against what, with which parameters, and how much CPU
 /// the generator itself used (near a core per process means the generator is the bottleneck).
 fn describe_run(
     summary: &mut serde_json::Map<String, serde_json::Value>,
     args: &Args,
     started_at: std::time::SystemTime,
-    cpu_before: Option<f64>,
+    cpu: Option<f64>,
     partial: Option<&str>,
 ) {
     let unix = started_at
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    let cpu = stats::own_cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
     let fields = [
         ("started_at_unix", serde_json::json!(unix)),
         (
@@ -426,6 +471,7 @@ fn describe_run(
         ),
         ("parameters", serde_json::json!(format!("{args:?}"))),
         ("generator_cpu_s", serde_json::json!(cpu)),
+        ("processes", serde_json::json!(shards::processes(args))),
         ("partial", serde_json::json!(partial.is_some())),
         ("partial_reason", serde_json::json!(partial)),
     ];

@@ -231,10 +231,10 @@ pub fn html(summary: &Map<String, Value>, rows: &[Row], report: &Report) -> anyh
         )?,
     ];
     let histograms = [
-        histogram_chart("Time to first token", &report.ttft_us)?,
-        histogram_chart("Inter-token latency", &report.itl_us)?,
-        histogram_chart("End to end", &report.e2e_us)?,
-        histogram_chart("Acknowledgement", &report.ack_us)?,
+        histogram_chart("Time to first token", &report.ttft_us.histogram()?)?,
+        histogram_chart("Inter-token latency", &report.itl_us.histogram()?)?,
+        histogram_chart("End to end", &report.e2e_us.histogram()?)?,
+        histogram_chart("Acknowledgement", &report.ack_us.histogram()?)?,
     ];
     let mut page = String::from(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Parley load report</title>\
@@ -261,4 +261,37 @@ pub fn html(summary: &Map<String, Value>, rows: &[Row], report: &Report) -> anyh
     histograms.iter().for_each(|p| page.push_str(p));
     page.push_str("</div></body></html>");
     Ok(page)
+}
+
+/// The end-of-run summary for the terminal, as k6 prints it.
+pub fn table(summary: &serde_json::Map<String, serde_json::Value>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let stat = |h: &serde_json::Value, s: &str| h.get(s).and_then(serde_json::Value::as_f64);
+    for name in ["connect_ms", "ack_ms", "ttft_ms", "itl_ms", "e2e_ms"] {
+        let Some(h) = summary.get(name).filter(|h| stat(h, "p50").is_some()) else {
+            continue;
+        };
+        let _ = write!(out, "  {:<11}", name.trim_end_matches("_ms"));
+        for s in ["avg", "min", "p50", "p90", "p95", "p99", "max"] {
+            let _ = write!(out, " {s}={:.2}ms", stat(h, s).unwrap_or(0.0));
+        }
+        out.push('\n');
+    }
+    for key in [
+        "answers",
+        "tokens_per_second",
+        "messages_per_second",
+        "goodput",
+        "errors",
+        "refused",
+        "reconnects",
+        "protocol_violations",
+        "dropped_sends",
+    ] {
+        if let Some(v) = summary.get(key) {
+            let _ = writeln!(out, "  {key:<20} {v}");
+        }
+    }
+    out
 }

@@ -8,7 +8,8 @@ use crate::Args;
 /// Where the sockets connect.
 pub struct Target {
     ws_bases: Vec<String>,
-    api_key: String,
+    /// The tenant's key.
+    pub api_key: String,
     /// The chat ids.
     pub chats: Vec<String>,
     /// The tenant this run created (deleted at the end unless `--keep-tenant`).
@@ -47,6 +48,26 @@ pub async fn cleanup(args: &Args, target: &Target) -> anyhow::Result<()> {
 
 /// Creates the tenant (if asked) and the chats.
 pub async fn prepare(args: &Args) -> anyhow::Result<Target> {
+    if let (Some(path), Some(key)) = (&args.chat_ids_file, &args.api_key) {
+        // A shard: the parent process made the tenant and the chats.
+        let chats: Vec<String> = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        anyhow::ensure!(
+            chats.len() == args.chats,
+            "{} lists {} chats",
+            path.display(),
+            chats.len()
+        );
+        return Ok(Target {
+            ws_bases: ws_bases(args),
+            api_key: key.clone(),
+            chats,
+            created_tenant: None,
+        });
+    }
     let http = reqwest::Client::new();
     let url = &args.url[0];
     let mut created_tenant = None;
@@ -74,17 +95,19 @@ pub async fn prepare(args: &Args) -> anyhow::Result<Target> {
     for i in 0..args.chats {
         chats.push(create_chat(&http, url, &api_key, &format!("lg-{i}")).await?);
     }
-    let ws_bases = args
-        .url
-        .iter()
-        .map(|u| u.replacen("http", "ws", 1))
-        .collect();
     Ok(Target {
-        ws_bases,
+        ws_bases: ws_bases(args),
         api_key,
         chats,
         created_tenant,
     })
+}
+
+fn ws_bases(args: &Args) -> Vec<String> {
+    args.url
+        .iter()
+        .map(|u| u.replacen("http", "ws", 1))
+        .collect()
 }
 
 /// Creates a tenant through the admin API; returns its key.

@@ -92,18 +92,37 @@ pub async fn connect_from(ws_url: &str, source: IpAddr) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
+/// How a connect failed, as `connect` and the OS error's kind (`connect:ConnectionRefused`,
+/// `connect:AddrInUse`, ...), or `connect:websocket` when TCP connected but the upgrade failed.
+fn connect_failure(e: &anyhow::Error) -> String {
+    let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>());
+    match io {
+        Some(io) => format!("connect:{:?}", io.kind()),
+        None if e
+            .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+            .is_some() =>
+        {
+            "connect:websocket".to_owned()
+        }
+        None => "connect".to_owned(),
+    }
+}
+
 /// Connects and waits for `connection_established`; a refusal is counted in `report` by its
-/// error code (`connect` when no socket opened, `closed` when it closed without a word).
+/// error code (`connect:…` when no socket opened, `closed` when it closed without a word).
 async fn open(plan: &Plan, last_seq: Option<u64>, report: &mut Report) -> Option<Ws> {
     let url = match last_seq {
         Some(seq) => format!("{}&last_seq={seq}", plan.ws_url),
         None => plan.ws_url.clone(),
     };
     let started = Instant::now();
-    let Ok(mut ws) = connect_from(&url, plan.source).await else {
-        Report::count(&mut report.refused, "connect");
-        Live::add(&plan.live.errors);
-        return None;
+    let mut ws = match connect_from(&url, plan.source).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            Report::count(&mut report.refused, &connect_failure(&e));
+            Live::add(&plan.live.errors);
+            return None;
+        }
     };
     while let Some(Ok(msg)) = ws.next().await {
         let Message::Text(text) = msg else { continue };
@@ -113,7 +132,7 @@ async fn open(plan: &Plan, last_seq: Option<u64>, report: &mut Report) -> Option
         };
         match e.event_type.as_ref() {
             "connection_established" => {
-                Report::record(&mut report.connect_us, started.elapsed());
+                report.connect_us.record(started.elapsed());
                 plan.live
                     .open
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -259,7 +278,7 @@ fn on_event(
         "message_received" if plan.sender => {
             let content = e.content.as_deref().unwrap_or_default();
             if let (Some((_, at)), Some(id)) = (pending.unacked.remove(content), &e.message_id) {
-                Report::record(&mut report.ack_us, at.elapsed());
+                report.ack_us.record(at.elapsed());
                 Live::add(&plan.live.messages);
                 pending.by_id.insert(id.clone(), at);
             }
@@ -287,12 +306,12 @@ fn on_event(
             answer.text.push_str(e.token.as_deref().unwrap_or_default());
             let now = Instant::now();
             if let Some(prev) = answer.last_token_at.replace(now) {
-                Report::record(&mut report.itl_us, now - prev);
+                report.itl_us.record(now - prev);
             }
             if std::mem::take(&mut answer.awaiting_first_token)
                 && let Some(at) = answer.sent_at
             {
-                Report::record(&mut report.ttft_us, at.elapsed());
+                report.ttft_us.record(at.elapsed());
                 plan.live.ttft(at.elapsed());
             }
         }
@@ -302,7 +321,7 @@ fn on_event(
             );
             if let Some(at) = answer.sent_at {
                 let e2e = at.elapsed();
-                Report::record(&mut report.e2e_us, e2e);
+                report.e2e_us.record(e2e);
                 report.good_answers += u64::from(e2e <= plan.goodput_within);
             }
             if let Some(r) = &answer.reply_to {

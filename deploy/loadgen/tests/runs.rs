@@ -326,3 +326,65 @@ async fn a_scenario_file_ramps_and_spikes_for_as_long_as_its_stages_last() {
         "{took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_over_several_processes_makes_one_merged_report() {
+    let app = spawn_gateway().await;
+    let out = tempfile::TempDir::new().unwrap();
+    // 3 processes, 12 sockets over 4 chats, open loop at 8 msg/s in total (a run of 2.5 s).
+    let (code, report) = loadgen(&[
+        "--url",
+        &app.url,
+        "--admin-token",
+        ADMIN,
+        "--processes",
+        "3",
+        "--sockets",
+        "12",
+        "--chats",
+        "4",
+        "--messages",
+        "5",
+        "--rate",
+        "8",
+        "--reply-tokens",
+        "10",
+        "--threshold",
+        "protocol_violations==0",
+        "--out",
+        out.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["processes"], 3);
+    assert_eq!(report["sockets"], 12);
+    assert_eq!(report["partial"], false, "{report}");
+    // Every socket sees every answer of its chat: 12 sockets × 5 answers.
+    assert_eq!(report["answers"], 60, "{report}");
+    assert_eq!(report["tokens_delivered"], 600, "{report}");
+    // One histogram of all the shards: each chat's sender timed its 5 answers.
+    assert_eq!(report["e2e_ms"]["count"], 20, "{report}");
+    assert_eq!(report["connect_ms"]["count"], 12, "{report}");
+    assert_eq!(report["dropped_sends"], 0, "{report}");
+    assert!(report["generator_cpu_s"].as_f64().unwrap() > 0.0);
+    let csv = std::fs::read_to_string(out.path().join("timeseries.csv")).unwrap();
+    assert!(
+        csv.lines()
+            .skip(1)
+            .any(|l| l.split(',').nth(1) == Some("12")),
+        "the merged time series counts every process's sockets: {csv}"
+    );
+    // The tenant (made once, by the parent) is gone, with its chats.
+    let res = reqwest::Client::new()
+        .get(format!("{}/admin/v1/tenants", app.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let tenants: Value = res.json().await.unwrap();
+    assert_eq!(
+        tenants["tenants"].as_array().map(Vec::len),
+        Some(0),
+        "{tenants}"
+    );
+}

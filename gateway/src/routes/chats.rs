@@ -342,6 +342,12 @@ pub(crate) async fn create_chat(
         .store
         .create_chat(tenant.id, &user_id, &title, &metadata)
         .await?;
+    // Its first socket, usually right after, then needs no store query.
+    state.chat_owners.learn(
+        tenant.id,
+        chat.id,
+        std::sync::Arc::from(chat.user_id.as_str()),
+    );
     Ok(HttpResponse::Created().json(ChatView::new(chat, false)))
 }
 
@@ -464,6 +470,7 @@ pub(crate) async fn delete_chat(
     if !state.store.delete_chat(tenant.id, chat.id).await? {
         return Err(ApiError::ChatNotFound(chat_id.into_inner()));
     }
+    state.chat_owners.forget(chat.id);
     Ok(HttpResponse::Ok().json(Deleted {
         success: true,
         message: "Chat deleted successfully",

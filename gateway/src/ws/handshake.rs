@@ -1,7 +1,10 @@
 //! Handshake: parameters from query or headers (query wins), then key (or client token),
 //! origin, chat and limit checks.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use actix_web::HttpRequest;
 use shared::{limits::ConnectionLease, protocol::validate_user_id};
@@ -127,29 +130,55 @@ impl HandshakeParams {
 }
 
 /// Chats' owners as handshakes found them, so that a socket reconnecting to its chat costs no
-/// extra store query. A chat never changes tenant; a deleted chat's entry only lets the
-/// handshake go on to `join_chat`, which finds the chat gone.
-#[derive(Default)]
-pub struct ChatOwners(dashmap::DashMap<Uuid, (Uuid, Arc<str>)>);
+/// store query. A chat never changes tenant or owner, but it can be deleted: an entry is
+/// believed for `ttl` (`limits.tenant_cache_secs`, the staleness the tenant cache already
+/// accepts), then the chat is read again. A chat deleted through this gateway is forgotten at
+/// once; one deleted through another gateway may still be joined here until its entry expires
+/// (deletion is refused while any gateway holds a socket on it, so only a new socket can).
+pub struct ChatOwners {
+    ttl: Duration,
+    chats: dashmap::DashMap<Uuid, Owner>,
+}
+
+/// What a handshake learnt of a chat.
+struct Owner {
+    tenant: Uuid,
+    user: Arc<str>,
+    seen: Instant,
+}
 
 /// Bound on remembered chats; past it the map starts over.
 const MAX_OWNERS: usize = 200_000;
 
 impl ChatOwners {
-    /// The user `chat` was created for, when `tenant` is known to own it.
+    /// Owners believed for `ttl` each.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            chats: dashmap::DashMap::new(),
+        }
+    }
+
+    /// The user `chat` was created for, when `tenant` is known to own it (and was lately).
     pub fn user_of(&self, tenant: Uuid, chat: Uuid) -> Option<Arc<str>> {
-        self.0
+        self.chats
             .get(&chat)
-            .filter(|owner| owner.0 == tenant)
-            .map(|owner| owner.1.clone())
+            .filter(|owner| owner.tenant == tenant && owner.seen.elapsed() < self.ttl)
+            .map(|owner| owner.user.clone())
     }
 
     /// Remembers that `tenant` owns `chat`, created for `user`.
-    pub fn learn(&self, tenant: Uuid, chat: Uuid, user: &str) {
-        if self.0.len() >= MAX_OWNERS {
-            self.0.clear();
+    pub fn learn(&self, tenant: Uuid, chat: Uuid, user: Arc<str>) {
+        if self.chats.len() >= MAX_OWNERS {
+            self.chats.clear();
         }
-        self.0.insert(chat, (tenant, Arc::from(user)));
+        let seen = Instant::now();
+        self.chats.insert(chat, Owner { tenant, user, seen });
+    }
+
+    /// Forgets a deleted chat.
+    pub fn forget(&self, chat: Uuid) {
+        self.chats.remove(&chat);
     }
 }
 
@@ -229,11 +258,17 @@ pub async fn accept(state: &AppState, params: HandshakeParams) -> Result<Accepte
         .acquire_connection(tenant.id, chat_id, max)
         .await?
         .ok_or(ApiError::ConnectionLimit(max))?;
-    let user_created = state
-        .store
-        .join_chat(tenant.id, chat_id, &user_id)
-        .await?
-        .ok_or_else(not_found)?;
+    // The chat's owner exists (a chat is created with its user) and users are never deleted
+    // apart from their tenant: only another user joining the chat may need creating.
+    let user_created = if *owner == *user_id {
+        false
+    } else {
+        state
+            .store
+            .join_chat(tenant.id, chat_id, &user_id)
+            .await?
+            .ok_or_else(not_found)?
+    };
     Ok(Accepted {
         tenant_id: tenant.id,
         messages_per_second: tenant.settings.messages_per_second,
@@ -262,8 +297,9 @@ async fn chat_user(
         .get_chat(tenant, chat_id)
         .await?
         .ok_or_else(|| ApiError::ChatNotFound(raw.to_owned()))?;
-    state.chat_owners.learn(tenant, chat_id, &chat.user_id);
-    Ok(Arc::from(chat.user_id.as_str()))
+    let user: Arc<str> = Arc::from(chat.user_id);
+    state.chat_owners.learn(tenant, chat_id, user.clone());
+    Ok(user)
 }
 
 /// Who a socket is, from its key or token.
