@@ -6,7 +6,7 @@
 #   deploy/bench.sh storm [N] [K] # N sockets (10000) over K chats (100) dropped and resumed at once
 #   deploy/bench.sh connect [N] [K] # connect rate: N sockets (15000) over K fresh chats (3000) opened
 #                                # 512 at a time; prints the rate, connect p50/p99 and the gateway's
-#                                # CPU per handshake
+#                                # CPU per handshake (PROCESSES=N spreads the generator over N)
 #   deploy/bench.sh fairness     # tenant B's time to first token (50 msg/s), alone and while tenant A
 #                                # fills the worker with slow answers (3,000 chats, 200 ms per token)
 #   deploy/bench.sh flood [R]    # R upgrades/s with made-up keys (5000) from 50 addresses: a real
@@ -88,7 +88,7 @@ case "$mode" in
   connect)
     n=${2:-15000}
     $lg --url "http://127.0.0.1:$port" --sockets "$n" --chats "${3:-3000}" --messages 1 --reply-tokens 1 \
-        --connect-concurrency "${CONNECT_CONCURRENCY:-512}" --source-ips 127.0.0.1,127.0.0.2 \
+        --connect-concurrency "${CONNECT_CONCURRENCY:-512}" --source-ips 127.0.0.1,127.0.0.2 --processes "${PROCESSES:-0}" \
         --report reports/connect.json >/dev/null 2>reports/connect.log &
     lgpid=$!
     until grep -q "opening" reports/connect.log 2>/dev/null; do sleep 0.05; done
