@@ -113,6 +113,13 @@ pub struct Args {
     /// Keep the tenant (and its chats) this run created; by default it is deleted at the end.
     #[arg(long)]
     pub keep_tenant: bool,
+    /// Reconnect storms: at each of these times after the sockets opened (repeat the flag), the
+    /// storm's sockets close at once and reconnect at once with `last_seq` ([`socket`]).
+    #[arg(long = "storm-at", value_parser = scenario::parse_duration)]
+    pub storm_at: Vec<Duration>,
+    /// The share of the sockets in each storm (0 to 1), spread over the chats.
+    #[arg(long, default_value_t = 1.0)]
+    pub storm_share: f64,
     /// Generator processes to spread the sockets over, one merged report ([`shards`]); 0
     /// takes as many as the sockets need under the open-files limit.
     #[arg(long, default_value_t = 0)]
@@ -236,6 +243,7 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
     }
     let opening = Instant::now();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (storm_tx, storm) = tokio::sync::watch::channel(0u64);
     let live = live::Live::new()?;
     let ready = Arc::new(Barrier::new(mine.len() + 1));
     let mut pace_txs = Vec::new();
@@ -253,6 +261,7 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
             idle: args.idle.is_some(),
             goodput_within: Duration::from_millis(args.goodput_ms),
             live: live.clone(),
+            storms: scenario::in_storm(i, args.storm_share),
         };
         let pace = plan.sender.then(|| {
             let (tx, rx) = mpsc::channel::<()>(4);
@@ -260,7 +269,14 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
             rx
         });
         let (ready, gate) = (ready.clone(), connect_gate.clone());
-        tasks.spawn(socket::run(plan, pace, ready, gate, stop.clone()));
+        tasks.spawn(socket::run(
+            plan,
+            pace,
+            ready,
+            gate,
+            stop.clone(),
+            storm.clone(),
+        ));
     }
     let (sampled_tx, sampled) = tokio::sync::watch::channel(false);
     let sampler = tokio::spawn(live.clone().sample(sampled, args.shard.is_some()));
@@ -309,6 +325,7 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
             dropped.clone(),
         ))
     });
+    let storms = tokio::spawn(scenario::storms(args.storm_at.clone(), storm_tx));
     let run_end = bounded.map_or(deadline, |b| {
         (tokio::time::Instant::now() + b).min(deadline)
     });
@@ -351,6 +368,7 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
     if let Some(pacer) = pacer {
         pacer.abort();
     }
+    storms.abort();
     total.dropped_sends += dropped.load(std::sync::atomic::Ordering::Relaxed);
     Ok(Some(shards::Merged {
         report: total,

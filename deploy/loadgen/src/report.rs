@@ -161,7 +161,14 @@ fn summary_table(summary: &Map<String, Value>) -> String {
         let _ = write!(out, "<th>{s}</th>");
     }
     out.push_str("</tr>");
-    for name in ["connect_ms", "ack_ms", "ttft_ms", "itl_ms", "e2e_ms"] {
+    for name in [
+        "connect_ms",
+        "ack_ms",
+        "ttft_ms",
+        "itl_ms",
+        "e2e_ms",
+        "storm_reconnect_ms",
+    ] {
         let _ = write!(out, "<tr><td>{name}</td>");
         for s in stats {
             let v = summary
@@ -268,7 +275,14 @@ pub fn table(summary: &serde_json::Map<String, serde_json::Value>) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let stat = |h: &serde_json::Value, s: &str| h.get(s).and_then(serde_json::Value::as_f64);
-    for name in ["connect_ms", "ack_ms", "ttft_ms", "itl_ms", "e2e_ms"] {
+    for name in [
+        "connect_ms",
+        "ack_ms",
+        "ttft_ms",
+        "itl_ms",
+        "e2e_ms",
+        "storm_reconnect_ms",
+    ] {
         let Some(h) = summary.get(name).filter(|h| stat(h, "p50").is_some()) else {
             continue;
         };
@@ -286,6 +300,8 @@ pub fn table(summary: &serde_json::Map<String, serde_json::Value>) -> String {
         "errors",
         "refused",
         "reconnects",
+        "storm_reconnects",
+        "storm_reconnect_rate_per_s",
         "protocol_violations",
         "dropped_sends",
     ] {

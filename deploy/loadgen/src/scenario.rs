@@ -125,6 +125,27 @@ pub async fn pace(
     }
 }
 
+/// Sets off a storm at each of `at` (after the start): every socket in storms sees the
+/// generation change at once.
+pub async fn storms(mut at: Vec<Duration>, storm: tokio::sync::watch::Sender<u64>) {
+    at.sort();
+    let started = tokio::time::Instant::now();
+    for (n, t) in at.into_iter().enumerate() {
+        tokio::time::sleep_until(started + t).await;
+        eprintln!("reconnect storm {}", n + 1);
+        storm.send_replace(n as u64 + 1);
+    }
+    // Held until aborted: a dropped sender would wake every socket's storm branch.
+    std::future::pending::<()>().await;
+}
+
+/// Whether socket `i` takes part in storms of this share (0 to 1), spread evenly over the
+/// socket indices (and so over the chats) by a multiplicative hash.
+pub fn in_storm(i: usize, share: f64) -> bool {
+    let spread = (i as u64).wrapping_mul(2_654_435_761) % 10_000;
+    (spread as f64) < share.clamp(0.0, 1.0) * 10_000.0
+}
+
 /// The arguments a scenario file stands for, ahead of the command line's (so that the command
 /// line wins): every key becomes `--key value` (`_` as `-`), a list one flag per item, `true`
 /// a bare flag.
@@ -198,6 +219,15 @@ mod tests {
         for bad in ["30s", "x:1", "30s:-1", "30y:5", "30s:fast"] {
             assert!(bad.parse::<Stage>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_storm_takes_its_share_of_the_sockets() {
+        let count = |share| (0..10_000).filter(|&i| in_storm(i, share)).count();
+        assert_eq!(count(1.0), 10_000);
+        assert_eq!(count(0.0), 0);
+        let half = count(0.5);
+        assert!((4_500..=5_500).contains(&half), "{half}");
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! unacknowledged messages under the same `client_message_id` (saved once), up to
 //! [`MAX_RECONNECTS`] times with backoff. The stop signal (the run's deadline, Ctrl-C) ends it
 //! at once with what it has.
+//!
+//! A reconnect storm (`--storm-at`) closes the storm's sockets at once, cleanly (a close
+//! frame, then the server's), and each reconnects at once with `last_seq`, as clients do when
+//! their gateway goes: the time from the close to `connection_established` again is
+//! `storm_reconnect_ms`, and the resumed stream is checked as any other (no gap, no duplicate,
+//! tokens adding up to the ended message).
 
 use std::{
     borrow::Cow,
@@ -52,6 +58,8 @@ pub struct Plan {
     pub goodput_within: Duration,
     /// The run's live counters.
     pub live: Arc<Live>,
+    /// Whether this socket takes part in the run's reconnect storms (`--storm-at`).
+    pub storms: bool,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +191,7 @@ pub async fn run(
     ready: Arc<Barrier>,
     gate: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
+    mut storm: watch::Receiver<u64>,
 ) -> anyhow::Result<Report> {
     let mut report = Report::new()?;
     let opened = {
@@ -215,6 +224,24 @@ pub async fn run(
                 if pending.sent < plan.messages {
                     send_next(&plan, &mut pending, &mut tx).await?;
                 }
+                continue;
+            }
+            Ok(()) = storm.changed(), if plan.storms => {
+                let at = Instant::now();
+                let _ = tx.close().await;
+                // The server's close: the old socket (and its connection slot) is gone.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some(Ok(_)) = rx.next().await {}
+                })
+                .await;
+                plan.live.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(ws) = open(&plan, last_seq, &mut report).await else {
+                    connected = false;
+                    break;
+                };
+                report.storm_us.record(at.elapsed());
+                (tx, rx) = ws.split();
+                resend_unacked(&mut pending, &mut tx).await?;
                 continue;
             }
             _ = stop.changed() => break,

@@ -45,6 +45,8 @@ pub struct Report {
     pub itl_us: Latencies,
     /// Send → `message_stream_ended`, microseconds.
     pub e2e_us: Latencies,
+    /// A storm's close → `connection_established` again (`--storm-at`), microseconds.
+    pub storm_us: Latencies,
 }
 
 fn histogram() -> anyhow::Result<Histogram<u64>> {
@@ -157,6 +159,7 @@ impl Report {
             ttft_us: Latencies::default(),
             itl_us: Latencies::default(),
             e2e_us: Latencies::default(),
+            storm_us: Latencies::default(),
         })
     }
 
@@ -185,6 +188,7 @@ impl Report {
         self.ttft_us.merge(other.ttft_us);
         self.itl_us.merge(other.itl_us);
         self.e2e_us.merge(other.e2e_us);
+        self.storm_us.merge(other.storm_us);
     }
 
     /// The whole report as JSON, histograms included: what a shard process prints for the
@@ -197,7 +201,7 @@ impl Report {
             "good_answers": self.good_answers,
             "connect_us": self.connect_us.to_json()?, "ack_us": self.ack_us.to_json()?,
             "ttft_us": self.ttft_us.to_json()?, "itl_us": self.itl_us.to_json()?,
-            "e2e_us": self.e2e_us.to_json()?,
+            "e2e_us": self.e2e_us.to_json()?, "storm_us": self.storm_us.to_json()?,
         }))
     }
 
@@ -222,6 +226,7 @@ impl Report {
             ttft_us: Latencies::from_json(&v["ttft_us"])?,
             itl_us: Latencies::from_json(&v["itl_us"])?,
             e2e_us: Latencies::from_json(&v["e2e_us"])?,
+            storm_us: Latencies::from_json(&v["storm_us"])?,
         })
     }
 
@@ -248,6 +253,7 @@ impl Report {
             ("ttft_ms", &self.ttft_us),
             ("itl_ms", &self.itl_us),
             ("e2e_ms", &self.e2e_us),
+            ("storm_reconnect_ms", &self.storm_us),
         ] {
             put(
                 name,
@@ -259,6 +265,13 @@ impl Report {
         put("refused", json!(total(&self.refused)));
         put("refused_by_code", json!(self.refused));
         put("reconnects", json!(self.reconnects));
+        // All of a storm's sockets close at once: how fast the gateway took them back.
+        let storm = self.storm_us.histogram().ok().filter(|h| !h.is_empty());
+        put("storm_reconnects", json!(self.storm_us.len()));
+        put(
+            "storm_reconnect_rate_per_s",
+            json!(storm.map(|h| h.len() as f64 / (h.max() as f64 / 1e6).max(1e-6))),
+        );
         put("protocol_violations", json!(self.violations));
         put("dropped_sends", json!(self.dropped_sends));
         // Of the answers a sender timed (the other sockets of a chat see them too).

@@ -2,10 +2,11 @@
 //! whose report breaks one exits with [`BROKEN_EXIT_CODE`], so that CI can gate on a load test.
 //!
 //! Grammar: `NAME OP NUMBER [UNIT]`, where
-//! - NAME is a latency statistic `ack|ttft|itl|e2e|connect` + `_` + `avg|min|p50|p90|p95|p99|p99_9|max`
+//! - NAME is a latency statistic `ack|ttft|itl|e2e|connect|storm_reconnect` + `_` + `avg|min|p50|p90|p95|p99|p99_9|max`
 //!   (compared in milliseconds; UNIT `us`, `ms` (default) or `s`), or a figure of the report:
 //!   `tokens_per_second`, `messages_per_second`, `answers`, `errors`, `refused`, `reconnects`,
-//!   `protocol_violations`, `dropped_sends`, `goodput` (a share, 0 to 1);
+//!   `protocol_violations`, `dropped_sends`, `storm_reconnects`, `storm_reconnect_rate_per_s`,
+//!   `goodput` (a share, 0 to 1);
 //! - OP is `<`, `<=`, `>`, `>=` or `==`.
 
 use serde_json::Value;
@@ -14,14 +15,16 @@ use serde_json::Value;
 pub const BROKEN_EXIT_CODE: i32 = 99;
 
 /// Latency histograms a threshold may name, as they appear in the report (`<name>_ms`).
-const LATENCIES: [&str; 5] = ["ack", "ttft", "itl", "e2e", "connect"];
+const LATENCIES: [&str; 6] = ["ack", "ttft", "itl", "e2e", "connect", "storm_reconnect"];
 
 /// Statistics of a latency histogram.
 const STATS: [&str; 8] = ["avg", "min", "p50", "p90", "p95", "p99", "p99_9", "max"];
 
 /// Plain figures of the report.
-const FIGURES: [&str; 9] = [
+const FIGURES: [&str; 11] = [
     "tokens_per_second",
+    "storm_reconnects",
+    "storm_reconnect_rate_per_s",
     "messages_per_second",
     "answers",
     "errors",

@@ -388,3 +388,43 @@ async fn a_run_over_several_processes_makes_one_merged_report() {
         "{tenants}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_storm_mid_answer_resumes_every_socket_without_a_gap() {
+    let app = spawn_gateway().await;
+    // Answers of 30 tokens 40 ms apart (1.2 s each), four per chat: the storm at 1.5 s finds
+    // every chat mid-answer, and a second one at 3 s another.
+    let (code, report) = loadgen(&[
+        "--url",
+        &app.url,
+        "--admin-token",
+        ADMIN,
+        "--sockets",
+        "6",
+        "--chats",
+        "3",
+        "--messages",
+        "4",
+        "--reply-tokens",
+        "30",
+        "--token-delay-ms",
+        "40",
+        "--storm-at",
+        "1500ms",
+        "--storm-at",
+        "3s",
+        "--threshold",
+        "storm_reconnect_p99<5s",
+    ])
+    .await;
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["storm_reconnects"], 12, "{report}");
+    assert_eq!(report["storm_reconnect_ms"]["count"], 12, "{report}");
+    assert!(report["storm_reconnect_rate_per_s"].as_f64().unwrap() > 0.0);
+    // Each socket resumed with last_seq: every answer whole, no gap, no duplicate.
+    assert_eq!(report["answers"], 6 * 4, "{report}");
+    assert_eq!(report["tokens_delivered"], 6 * 4 * 30, "{report}");
+    assert_eq!(report["protocol_violations"], 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["refused"], 0, "{report}");
+}
