@@ -223,7 +223,9 @@ pub struct LimitsConfig {
     /// up read them from there, one that falls further behind reads the chat log instead.
     pub chat_buffer: usize,
     /// Seconds a cached tenant (looked up by key) stays fresh; settings changes made through another
-    /// process (the CLI) apply after at most this long.
+    /// process (the CLI) apply after at most this long. Gateways also believe a chat's owner, as a
+    /// handshake or the chat's creation found it, this long (a chat deleted through another
+    /// gateway may be joined here until then).
     pub tenant_cache_secs: u64,
 }
 
