@@ -152,6 +152,16 @@ fn escape(s: &str) -> String {
 }
 
 /// The summary as a table: latencies one row each, then the plain figures.
+/// The report's latency histograms, in the order the tables show them.
+const LATENCY_FIELDS: [&str; 6] = [
+    "connect_ms",
+    "ack_ms",
+    "ttft_ms",
+    "itl_ms",
+    "e2e_ms",
+    "storm_reconnect_ms",
+];
+
 fn summary_table(summary: &Map<String, Value>) -> String {
     let stats = [
         "count", "avg", "min", "p50", "p90", "p95", "p99", "p99_9", "max",
@@ -161,14 +171,7 @@ fn summary_table(summary: &Map<String, Value>) -> String {
         let _ = write!(out, "<th>{s}</th>");
     }
     out.push_str("</tr>");
-    for name in [
-        "connect_ms",
-        "ack_ms",
-        "ttft_ms",
-        "itl_ms",
-        "e2e_ms",
-        "storm_reconnect_ms",
-    ] {
+    for name in LATENCY_FIELDS {
         let _ = write!(out, "<tr><td>{name}</td>");
         for s in stats {
             let v = summary
@@ -275,14 +278,7 @@ pub fn table(summary: &serde_json::Map<String, serde_json::Value>) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let stat = |h: &serde_json::Value, s: &str| h.get(s).and_then(serde_json::Value::as_f64);
-    for name in [
-        "connect_ms",
-        "ack_ms",
-        "ttft_ms",
-        "itl_ms",
-        "e2e_ms",
-        "storm_reconnect_ms",
-    ] {
+    for name in LATENCY_FIELDS {
         let Some(h) = summary.get(name).filter(|h| stat(h, "p50").is_some()) else {
             continue;
         };
