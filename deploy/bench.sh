@@ -16,7 +16,8 @@
 # throughput also prints the CPU seconds each process used (gateway, worker, Redis, PostgreSQL,
 # the load generator): where a change's cost went, steadier than a rate on a shared machine.
 # GATEWAY_BIN / WORKER_BIN run other builds (say, the previous commit's) for a same-day comparison;
-# GATEWAY_WRAP prefixes the gateway's command (e.g. "heaptrack -o /tmp/gw").
+# GATEWAY_WRAP prefixes the gateway's command (e.g. "heaptrack -o /tmp/gw"), LOADGEN_WRAP the load
+# generator's: GATEWAY_WRAP="taskset -c 0" LOADGEN_WRAP="taskset -c 1" gives each its own core.
 # Reports land in reports/. The gateway and the load generator share this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +53,7 @@ redis_cpu() { redis-cli info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/
 pg_cpu() { for p in $(pgrep -x postgres); do cpu_s "$p"; echo; done | awk '{s += $1} END {printf "%.2f", s}'; }
 cpu_line() { echo "$(cpu_s $gw) ${wk:+$(cpu_s $wk)} $(redis_cpu) $(pg_cpu)"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$gw/status"; }
-lg=./target/release/loadgen
+lg="${LOADGEN_WRAP:-} ./target/release/loadgen"
 case "$mode" in
   throughput)
     p0=$(publishes || echo 0)

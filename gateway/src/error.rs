@@ -311,7 +311,11 @@ impl From<StoreError> for ApiError {
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
-        Self::Unavailable(e.into())
+        match e {
+            // A chat deleted while a socket was joining it.
+            BrokerError::NoSuchChat(chat) => Self::ChatNotFound(chat.to_string()),
+            e => Self::Unavailable(e.into()),
+        }
     }
 }
 

@@ -47,8 +47,8 @@ impl Application {
             Some(url) => distributed_limits(&config, url).await?,
             None => embedded(&config, &tenants, broker.clone(), &shutdown).await?,
         };
-        let listener =
-            TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;
+        let listener = listen(&config.bind, config.listen_backlog)
+            .with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
         let (metrics, metrics_port) = shared::metrics::serve(&config.metrics_bind, None)
             .with_context(|| format!("binding the metrics server to {}", config.metrics_bind))?;
@@ -66,6 +66,9 @@ impl Application {
             .clone()
             .run(state.store.clone(), state.shutdown.token.clone());
         state.shutdown.tracker.spawn(checker);
+        let owners = state.chat_owners.clone();
+        let deletions = owners.follow(state.broker.deletions(), state.shutdown.token.clone());
+        state.shutdown.tracker.spawn(deletions);
         let drain_secs = state.config.drain_timeout_secs;
         let handshake_timeout =
             Duration::from_secs(state.config.auth.handshake_timeout_secs.max(1));
@@ -200,6 +203,24 @@ fn check_admin_token(config: &Config) -> anyhow::Result<()> {
     }
 }
 
+/// Pending connections of the operator API: a few operators, no storms.
+const ADMIN_BACKLOG: u32 = 128;
+
+/// A listener on `bind` (the first address it resolves to) whose kernel queue holds `backlog`
+/// connections: std's `TcpListener::bind` queues only 128, which a reconnect storm overflows.
+fn listen(bind: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(bind)?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // A restarted gateway binds at once although its old connections linger in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
 /// The operator API on its own listener, off the public port.
 fn admin_server(
     bind: &str,
@@ -207,7 +228,7 @@ fn admin_server(
     request_timeout: Duration,
 ) -> anyhow::Result<(Server, u16)> {
     let listener =
-        TcpListener::bind(bind).with_context(|| format!("binding the admin API to {bind}"))?;
+        listen(bind, ADMIN_BACKLOG).with_context(|| format!("binding the admin API to {bind}"))?;
     let port = listener.local_addr()?.port();
     let server = HttpServer::new(move || {
         App::new()

@@ -66,7 +66,7 @@ impl AppState {
     ) -> Self {
         let draining = Arc::new(AtomicBool::new(false));
         let chat_owners = Arc::new(crate::ws::ChatOwners::new(std::time::Duration::from_secs(
-            config.limits.tenant_cache_secs,
+            config.limits.chat_owner_cache_secs,
         )));
         Self {
             readiness: Arc::new(shared::health::Readiness::new(

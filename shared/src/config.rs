@@ -19,6 +19,11 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Gateway HTTP/WebSocket listen address (`PARLEY_BIND`).
     pub bind: String,
+    /// Connections the kernel queues for the gateway before it accepts them
+    /// (`PARLEY_LISTEN_BACKLOG`); capped by the host's `net.core.somaxconn`. A burst of
+    /// reconnects (a gateway restart, a network blip) arrives faster than it is accepted: a full
+    /// queue drops SYNs and each dropped client waits a second or more to retry.
+    pub listen_backlog: u32,
     /// Bearer token that enables `/admin/v1` (`PARLEY_ADMIN_TOKEN`); unset or empty keeps the
     /// admin API off. At least [`MIN_ADMIN_TOKEN_CHARS`] characters, or the gateway refuses to start.
     pub admin_token: Option<String>,
@@ -223,10 +228,12 @@ pub struct LimitsConfig {
     /// up read them from there, one that falls further behind reads the chat log instead.
     pub chat_buffer: usize,
     /// Seconds a cached tenant (looked up by key) stays fresh; settings changes made through another
-    /// process (the CLI) apply after at most this long. Gateways also believe a chat's owner, as a
-    /// handshake or the chat's creation found it, this long (a chat deleted through another
-    /// gateway may be joined here until then).
+    /// process (the CLI) apply after at most this long.
     pub tenant_cache_secs: u64,
+    /// Seconds a gateway believes a chat's owner, as a handshake or the chat's creation found
+    /// it (a socket on its own chat then costs no store query). Deletions are announced to
+    /// every gateway and forgotten at once; this bounds an entry whose announcement was lost.
+    pub chat_owner_cache_secs: u64,
 }
 
 /// Worker settings.
@@ -246,6 +253,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             bind: "0.0.0.0:8000".into(),
+            listen_backlog: 4096,
             admin_token: None,
             admin_bind: None,
             database_url: "sqlite://parley.db".into(),
@@ -276,6 +284,7 @@ impl Default for LimitsConfig {
             idle_timeout_secs: 90,
             chat_buffer: 1024,
             tenant_cache_secs: 2,
+            chat_owner_cache_secs: 600,
         }
     }
 }

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use serde_json::Map;
-use shared::broker::{self, Broker, BrokerError, Fence, PublishOptions, Read, Role};
+use shared::broker::{
+    self, Broker, BrokerError, Deletion, Fence, PublishOptions, Read, Role, seqs,
+};
 use shared::config::Config;
 use shared::protocol::{ErrorCode, ServerEvent};
 use shared::store::{self, Store, TenantSettings};
@@ -15,6 +17,9 @@ use uuid::Uuid;
 
 struct Fixture {
     broker: Arc<dyn Broker>,
+    store: Arc<dyn Store>,
+    config: Config,
+    tenant: Uuid,
     chat: Uuid,
     _dir: tempfile::TempDir,
 }
@@ -43,11 +48,16 @@ async fn fixture_with(redis: bool, base: Config) -> Fixture {
         redis_prefix: format!("test-log-{}:", Uuid::new_v4().simple()),
         ..base
     };
-    let broker = broker::connect(&config, store, Role::Gateway)
+    let broker = broker::connect(&config, store.clone(), Role::Gateway)
         .await
         .unwrap();
+    // As the gateway does when it creates a chat.
+    broker.adopt(chat.id, seqs::FIRST).await.unwrap();
     Fixture {
         broker,
+        store,
+        config,
+        tenant: tenant.id,
         chat: chat.id,
         _dir: dir,
     }
@@ -197,5 +207,73 @@ async fn a_log_beyond_both_bounds_is_trimmed_and_reads_before_it_are_unavailable
             panic!("the last log_events events were trimmed (redis: {redis})");
         };
         assert_eq!((events.len(), latest), (100, 330));
+    }
+}
+
+#[tokio::test]
+async fn a_chat_whose_first_block_was_not_handed_over_starts_after_it() {
+    for redis in [false, true] {
+        let f = fixture(redis).await;
+        let other = f
+            .store
+            .create_chat(f.tenant, "u", "not adopted", &Map::new())
+            .await
+            .unwrap();
+        // Its INSERT reserved the first block; a log that never got it reserves the next.
+        let head = f.broker.head(other.id).await.unwrap();
+        assert_eq!(head.latest, seqs::BLOCK, "redis: {redis}");
+        let last = f
+            .broker
+            .publish(
+                other.id,
+                &tokens(&f, "a", &["x"]),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(last, seqs::BLOCK + 1);
+        // An adopted chat starts at 0.
+        assert_eq!(f.broker.head(f.chat).await.unwrap().latest, 0);
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_chat_is_announced_to_every_process_and_its_log_is_gone() {
+    for redis in [false, true] {
+        let f = fixture(redis).await;
+        // A second process on the same Redis (in-process: the same broker).
+        let peer = if redis {
+            broker::connect(&f.config, f.store.clone(), Role::Gateway)
+                .await
+                .unwrap()
+        } else {
+            f.broker.clone()
+        };
+        let mut told = peer.deletions();
+        // The peer's pub/sub is live once a subscription is.
+        let _live = peer.subscribe(Uuid::new_v4()).await.unwrap();
+        f.broker
+            .publish(f.chat, &tokens(&f, "a", &["x"]), PublishOptions::default())
+            .await
+            .unwrap();
+        assert!(f.store.delete_chat(f.tenant, f.chat).await.unwrap());
+        f.broker.forget(f.chat).await.unwrap();
+        let announced = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match told.recv().await.unwrap() {
+                    Deletion::Chat(c) => return c,
+                    Deletion::Missed => {}
+                }
+            }
+        })
+        .await
+        .expect("the deletion reaches the peer");
+        assert_eq!(announced, f.chat, "redis: {redis}");
+        // Its log is dropped: a late socket finds no chat rather than an old head.
+        let head = peer.head(f.chat).await;
+        assert!(
+            matches!(head, Err(BrokerError::NoSuchChat(c)) if c == f.chat),
+            "redis: {redis}: {head:?}"
+        );
     }
 }

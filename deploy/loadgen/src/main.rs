@@ -89,6 +89,12 @@ pub struct Args {
     /// Sockets opened at the same time while connecting.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// Open the sockets at this many per second (open loop, each at its own scheduled time, still
+    /// at most `--connect-concurrency` at once); 0 opens them as fast as the concurrency allows.
+    /// A socket's connect latency then counts from its scheduled time, so a server that falls
+    /// behind shows as latency rather than as a slower schedule.
+    #[arg(long, default_value_t = 0.0)]
+    pub connect_rate: f64,
     /// Wait this many seconds after creating the tenant and chats, before opening sockets
     /// (lets a memory measurement take its baseline with the chats already in place).
     #[arg(long, default_value_t = 0)]
@@ -249,8 +255,13 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
     let mut pace_txs = Vec::new();
     let connect_gate = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency));
     let mut tasks = tokio::task::JoinSet::new();
-    for &i in &mine {
+    // This process's share of the opening rate; its k-th socket is due k / rate in.
+    let per_process = args.connect_rate / shard.of as f64;
+    let opening_at = tokio::time::Instant::now();
+    for (k, &i) in mine.iter().enumerate() {
         let chat = i % args.chats;
+        let open_at = (per_process > 0.0)
+            .then(|| opening_at + Duration::from_secs_f64(k as f64 / per_process));
         let plan = socket::Plan {
             ws_url: target.ws_url(chat, i),
             source: args.source_ips[i % args.source_ips.len()],
@@ -262,6 +273,7 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
             goodput_within: Duration::from_millis(args.goodput_ms),
             live: live.clone(),
             storms: scenario::in_storm(i, args.storm_share),
+            open_at,
         };
         let pace = plan.sender.then(|| {
             let (tx, rx) = mpsc::channel::<()>(4);

@@ -60,6 +60,9 @@ pub struct Plan {
     pub live: Arc<Live>,
     /// Whether this socket takes part in the run's reconnect storms (`--storm-at`).
     pub storms: bool,
+    /// When this socket is due to open (`--connect-rate`); `None` opens it as soon as the
+    /// connect gate lets it.
+    pub open_at: Option<tokio::time::Instant>,
 }
 
 #[derive(Deserialize)]
@@ -118,12 +121,18 @@ fn connect_failure(e: &anyhow::Error) -> String {
 
 /// Connects and waits for `connection_established`; a refusal is counted in `report` by its
 /// error code (`connect:…` when no socket opened, `closed` when it closed without a word).
-async fn open(plan: &Plan, last_seq: Option<u64>, report: &mut Report) -> Option<Ws> {
+/// Opens the socket; its connect latency counts from `due` (a scheduled first open) or now.
+async fn open(
+    plan: &Plan,
+    last_seq: Option<u64>,
+    due: Option<tokio::time::Instant>,
+    report: &mut Report,
+) -> Option<Ws> {
     let url = match last_seq {
         Some(seq) => format!("{}&last_seq={seq}", plan.ws_url),
         None => plan.ws_url.clone(),
     };
-    let started = Instant::now();
+    let started = due.map_or_else(Instant::now, tokio::time::Instant::into_std);
     let mut ws = match connect_from(&url, plan.source).await {
         Ok(ws) => ws,
         Err(e) => {
@@ -195,8 +204,12 @@ pub async fn run(
 ) -> anyhow::Result<Report> {
     let mut report = Report::new()?;
     let opened = {
+        if let Some(due) = plan.open_at {
+            tokio::time::sleep_until(due).await;
+        }
+        // Waiting for the gate delays a scheduled socket as the server's slowness would.
         let _permit = gate.acquire().await?;
-        open(&plan, None, &mut report).await
+        open(&plan, None, plan.open_at, &mut report).await
     };
     // Always: the run goes on with the sockets that did open.
     ready.wait().await;
@@ -235,7 +248,7 @@ pub async fn run(
                 })
                 .await;
                 plan.live.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(ws) = open(&plan, last_seq, &mut report).await else {
+                let Some(ws) = open(&plan, last_seq, None, &mut report).await else {
                     connected = false;
                     break;
                 };
@@ -403,7 +416,7 @@ async fn reopen(
             () = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return None,
         }
-        if let Some(ws) = open(plan, last_seq, report).await {
+        if let Some(ws) = open(plan, last_seq, None, report).await {
             return Some(ws);
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -428,3 +428,40 @@ async fn a_reconnect_storm_mid_answer_resumes_every_socket_without_a_gap() {
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["refused"], 0, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sockets_open_on_their_schedule_at_the_connect_rate() {
+    let app = spawn_gateway().await;
+    // 20 sockets at 40/s over 2 processes, 20/s each: each process's last is due 0.45 s in
+    // (9 / 20 s), so the opening takes at least that long however fast the gateway is.
+    let (code, report) = loadgen(&[
+        "--url",
+        &app.url,
+        "--admin-token",
+        ADMIN,
+        "--processes",
+        "2",
+        "--sockets",
+        "20",
+        "--chats",
+        "4",
+        "--messages",
+        "1",
+        "--reply-tokens",
+        "3",
+        "--connect-rate",
+        "40",
+    ])
+    .await;
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["connect_ms"]["count"], 20, "{report}");
+    let rate = report["connect_rate_per_s"].as_f64().unwrap();
+    assert!(rate > 0.0 && rate <= 45.0, "{report}");
+    assert!(
+        report["parameters"]
+            .as_str()
+            .unwrap()
+            .contains("connect_rate: 40.0"),
+        "{report}"
+    );
+}

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use shared::{
+    broker::seqs,
     protocol::text::{REFUSED_CONTROL, has_refused_control, map_has_refused_control},
     protocol::validate_user_id,
     store::{Chat, Message, Page, Tenant},
@@ -15,7 +16,7 @@ use uuid::Uuid;
 
 use super::{query_map, ratelimit::tenant_gate};
 use crate::{
-    error::{ApiError, ErrorBody},
+    error::{ApiError, Chain, ErrorBody},
     state::AppState,
     tokens::ClientToken,
 };
@@ -342,6 +343,11 @@ pub(crate) async fn create_chat(
         .store
         .create_chat(tenant.id, &user_id, &title, &metadata)
         .await?;
+    // The chat's first block of `seq`s, reserved by its INSERT: its first socket and message
+    // then need no store write. Without it the log reserves a block of its own later.
+    if let Err(e) = state.broker.adopt(chat.id, seqs::FIRST).await {
+        tracing::warn!(chat_id = %chat.id, error = %Chain(&e), "handing the chat's first seqs to the log");
+    }
     // Its first socket, usually right after, then needs no store query.
     state.chat_owners.learn(
         tenant.id,
@@ -471,6 +477,10 @@ pub(crate) async fn delete_chat(
         return Err(ApiError::ChatNotFound(chat_id.into_inner()));
     }
     state.chat_owners.forget(chat.id);
+    // Other gateways forget its owner when told; the entry's age bounds it otherwise.
+    if let Err(e) = state.broker.forget(chat.id).await {
+        tracing::warn!(chat_id = %chat.id, error = %Chain(&e), "announcing the chat's deletion");
+    }
     Ok(HttpResponse::Ok().json(Deleted {
         success: true,
         message: "Chat deleted successfully",

@@ -1,10 +1,7 @@
 //! Handshake: parameters from query or headers (query wins), then key (or client token),
 //! origin, chat and limit checks.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::sync::Arc;
 
 use actix_web::HttpRequest;
 use shared::{limits::ConnectionLease, protocol::validate_user_id};
@@ -126,59 +123,6 @@ impl HandshakeParams {
                     reason: "must be a non-negative integer",
                 })?,
         })
-    }
-}
-
-/// Chats' owners as handshakes found them, so that a socket reconnecting to its chat costs no
-/// store query. A chat never changes tenant or owner, but it can be deleted: an entry is
-/// believed for `ttl` (`limits.tenant_cache_secs`, the staleness the tenant cache already
-/// accepts), then the chat is read again. A chat deleted through this gateway is forgotten at
-/// once; one deleted through another gateway may still be joined here until its entry expires
-/// (deletion is refused while any gateway holds a socket on it, so only a new socket can).
-pub struct ChatOwners {
-    ttl: Duration,
-    chats: dashmap::DashMap<Uuid, Owner>,
-}
-
-/// What a handshake learnt of a chat.
-struct Owner {
-    tenant: Uuid,
-    user: Arc<str>,
-    seen: Instant,
-}
-
-/// Bound on remembered chats; past it the map starts over.
-const MAX_OWNERS: usize = 200_000;
-
-impl ChatOwners {
-    /// Owners believed for `ttl` each.
-    pub fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            chats: dashmap::DashMap::new(),
-        }
-    }
-
-    /// The user `chat` was created for, when `tenant` is known to own it (and was lately).
-    pub fn user_of(&self, tenant: Uuid, chat: Uuid) -> Option<Arc<str>> {
-        self.chats
-            .get(&chat)
-            .filter(|owner| owner.tenant == tenant && owner.seen.elapsed() < self.ttl)
-            .map(|owner| owner.user.clone())
-    }
-
-    /// Remembers that `tenant` owns `chat`, created for `user`.
-    pub fn learn(&self, tenant: Uuid, chat: Uuid, user: Arc<str>) {
-        if self.chats.len() >= MAX_OWNERS {
-            self.chats.clear();
-        }
-        let seen = Instant::now();
-        self.chats.insert(chat, Owner { tenant, user, seen });
-    }
-
-    /// Forgets a deleted chat.
-    pub fn forget(&self, chat: Uuid) {
-        self.chats.remove(&chat);
     }
 }
 

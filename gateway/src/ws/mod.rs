@@ -8,13 +8,15 @@
 
 mod cursor;
 mod handshake;
+mod owners;
 mod session;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use crate::state::AppState;
 
-pub use handshake::{ChatOwners, Credential, HandshakeParams, Present};
+pub use handshake::{Credential, HandshakeParams, Present};
+pub use owners::ChatOwners;
 
 /// Upgrades the connection and hands the socket to its own task.
 pub async fn ws_chat(

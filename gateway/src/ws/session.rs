@@ -220,13 +220,7 @@ impl Connection {
         let (mut events, mut cursor, latest) = match joined {
             Ok(joined) => joined,
             Err(e) => {
-                let _ = Box::pin(self.send(e.to_event())).await;
-                let _ = Box::pin(
-                    self.session
-                        .clone()
-                        .close(Some(close(CloseCode::Again, "SERVICE_UNAVAILABLE"))),
-                )
-                .await;
+                Box::pin(refuse(self.session.clone(), &e)).await;
                 return;
             }
         };

@@ -238,6 +238,41 @@ async fn the_connection_limit_spans_gateways_and_a_crashed_gateways_slots_come_b
 }
 
 #[tokio::test]
+async fn a_chat_deleted_through_one_gateway_is_refused_by_another_that_knew_it() -> TestResult {
+    let db = TestDb::postgres().await;
+    let a = start(&db.url, use_redis).await;
+    let b = start(&db.url, use_redis).await;
+    let chat = a.chat("u1").await;
+    // B learns the chat's owner from a socket of its own, then that socket closes.
+    let mut on_b = b.ws(&a.api_key, "u1", &chat).await;
+    assert_eq!(on_b.next().await["event_type"], "connection_established");
+    on_b.inner.close(None).await?;
+    on_b.closed().await;
+    // Deletion waits for B's slot to be released.
+    let started = std::time::Instant::now();
+    while a
+        .delete(&a.api_key, &format!("/api/v1/chats/{chat}"))
+        .await
+        .status()
+        != 200
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "slot never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B was told: the chat is gone there too, for its owner as for anyone, and nothing opens.
+    for user in ["u1", "u2"] {
+        let mut late = b.ws(&a.api_key, user, &chat).await;
+        let e = late.next().await;
+        assert_error(&e, "CHAT_NOT_FOUND");
+        assert_eq!(late.closed().await.0, 1008);
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_worker_stopped_mid_answer_finishes_it_once_then_exits() -> TestResult {
     let db = TestDb::postgres().await;
     let gw = start(&db.url, use_redis).await;

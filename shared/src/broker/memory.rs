@@ -22,8 +22,8 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{
-    Broker, BrokerError, CancelBus, ChatLog, Delivery, Head, Hub, JobQueue, PublishOptions, Read,
-    Sequenced, Subscription, seqs,
+    Broker, BrokerError, CancelBus, ChatLog, Deletion, Delivery, Head, Hub, JobQueue,
+    PublishOptions, Read, Sequenced, Subscription, seqs,
 };
 use crate::protocol::{AnswerMark, Job, ServerEvent, with_seq};
 use crate::store::Store;
@@ -97,6 +97,7 @@ pub struct MemoryBroker {
     publishes: AtomicU64,
     store: Arc<dyn Store>,
     cancels: broadcast::Sender<Uuid>,
+    deletions: broadcast::Sender<Deletion>,
     /// Messages queued and not acknowledged, by tenant.
     backlog: DashMap<Uuid, u64>,
 }
@@ -122,6 +123,7 @@ impl MemoryBroker {
             publishes: AtomicU64::new(0),
             store,
             cancels: broadcast::channel(1024).0,
+            deletions: broadcast::channel(1024).0,
         }
     }
 
@@ -280,6 +282,24 @@ impl ChatLog for MemoryBroker {
 
     async fn subscribe(&self, chat_id: Uuid) -> Result<Subscription, BrokerError> {
         Ok(self.hub.subscribe(chat_id).0)
+    }
+
+    async fn adopt(&self, chat_id: Uuid, block: seqs::Block) -> Result<(), BrokerError> {
+        self.chats
+            .entry(chat_id)
+            .or_insert_with(|| ChatRing::new(block));
+        Ok(())
+    }
+
+    async fn forget(&self, chat_id: Uuid) -> Result<(), BrokerError> {
+        self.chats.remove(&chat_id);
+        // No receiver: no gateway in this process remembers anything.
+        let _ = self.deletions.send(Deletion::Chat(chat_id));
+        Ok(())
+    }
+
+    fn deletions(&self) -> broadcast::Receiver<Deletion> {
+        self.deletions.subscribe()
     }
 }
 

@@ -189,6 +189,23 @@ pub trait ChatLog: Send + Sync + 'static {
     /// Follows the chat's live events on this process until the subscription is dropped.
     /// Returns once the subscription is live, so that no event published afterwards is missed.
     async fn subscribe(&self, chat_id: Uuid) -> Result<Subscription, BrokerError>;
+    /// Takes the block of `seq`s the store reserved as it created the chat ([`seqs::FIRST`]);
+    /// a chat the log already knows keeps its state.
+    async fn adopt(&self, chat_id: Uuid, block: seqs::Block) -> Result<(), BrokerError>;
+    /// The chat was deleted: drops its log and tells every process ([`ChatLog::deletions`]).
+    async fn forget(&self, chat_id: Uuid) -> Result<(), BrokerError>;
+    /// Chat deletions as announced to this process, its own included.
+    fn deletions(&self) -> broadcast::Receiver<Deletion>;
+}
+
+/// An announcement of [`ChatLog::deletions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletion {
+    /// This chat was deleted.
+    Chat(Uuid),
+    /// Announcements may have been missed (the process's pub/sub connection was lost, or its
+    /// receiver fell behind): whatever was remembered of any chat may be stale.
+    Missed,
 }
 
 /// Cancel requests, from any gateway to whichever worker answers the chat.

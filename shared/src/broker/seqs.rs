@@ -6,6 +6,12 @@
 //! lost its data) reserves a new block and starts after the previous block's end, so a chat's
 //! `seq` never goes backwards; after a loss it jumps forward by up to a block. A log that uses up
 //! its block reserves the next one: one store write per [`BLOCK`] events of a chat.
+//!
+//! A chat is created with its first block reserved ([`FIRST`], written by the chat's own
+//! `INSERT`), and the gateway that created it hands that block to the log at once
+//! ([`super::ChatLog::adopt`]): a new chat's first socket and first message need no store write.
+//! Should the hand-over fail, the log reserves the next block when it first needs one, and the
+//! chat's `seq`s start after [`BLOCK`] instead of after 0.
 
 use uuid::Uuid;
 
@@ -23,6 +29,12 @@ pub struct Block {
     /// The last `seq` of this block.
     pub limit: u64,
 }
+
+/// The block every chat is created with.
+pub const FIRST: Block = Block {
+    start: 0,
+    limit: BLOCK,
+};
 
 /// Reserves the chat's next block.
 pub async fn reserve(store: &dyn Store, chat_id: Uuid) -> Result<Block, BrokerError> {

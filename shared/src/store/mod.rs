@@ -234,7 +234,8 @@ pub trait Store: Send + Sync + 'static {
         }
         self.ensure_user(tenant_id, user_id).await.map(Some)
     }
-    /// Adds `delta` (answers and tokens) to its tenant's total of `delta.date`.
+    /// Adds `delta` (answers and tokens) to its tenant's total of `delta.date`; a deleted
+    /// tenant's usage is dropped (a worker's late flush), not refused.
     async fn add_usage(&self, tenant_id: Uuid, delta: &DailyUsage) -> StoreResult<()>;
     /// A tenant's daily totals from `from` to `to` (inclusive), oldest first; days without
     /// answers are absent.
@@ -248,7 +249,8 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the user exists.
     async fn user_exists(&self, tenant_id: Uuid, user_id: &str) -> StoreResult<bool>;
 
-    /// Creates a chat (and its user, if new).
+    /// Creates a chat (and its user, if new), with its first block of `seq`s reserved
+    /// ([`crate::broker::seqs::FIRST`]): the creator hands it to the chat log.
     async fn create_chat(
         &self,
         tenant_id: Uuid,

@@ -156,15 +156,19 @@ macro_rules! sql_store {
 
             async fn add_usage(&self, tenant_id: Uuid, delta: &DailyUsage) -> StoreResult<()> {
                 let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-                sqlx::query(super::ADD_USAGE)
+                let done = sqlx::query(super::ADD_USAGE)
                     .bind(tenant_id)
                     .bind(delta.date)
                     .bind(n(delta.messages))
                     .bind(n(delta.prompt_tokens))
                     .bind(n(delta.completion_tokens))
                     .execute(&self.write)
-                    .await?;
-                Ok(())
+                    .await;
+                match done {
+                    // The tenant was deleted, its usage with it: a late total has nowhere to go.
+                    Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => Ok(()),
+                    done => done.map(drop).map_err(StoreError::from),
+                }
             }
 
             async fn usage(
@@ -215,9 +219,11 @@ macro_rules! sql_store {
                     last_message_at: None,
                     message_count: 0,
                 };
+                // The first block of `seq`s is reserved by the INSERT itself ([`crate::broker::seqs::FIRST`]).
+                let first = i64::try_from(crate::broker::seqs::FIRST.limit).unwrap_or(i64::MAX);
                 sqlx::query(
-                    "INSERT INTO chats (id, tenant_id, user_id, title, metadata, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    "INSERT INTO chats (id, tenant_id, user_id, title, metadata, created_at, updated_at, seq_reserved) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .bind(chat.id)
                 .bind(tenant_id)
@@ -226,6 +232,7 @@ macro_rules! sql_store {
                 .bind(Json(metadata))
                 .bind(now)
                 .bind(now)
+                .bind(first)
                 .execute(&self.write)
                 .await?;
                 Ok(chat)

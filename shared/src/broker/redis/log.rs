@@ -29,7 +29,9 @@ use uuid::Uuid;
 
 use super::batch::decode;
 use super::{RedisBroker, STAMP, unavailable};
-use crate::broker::{BrokerError, ChatLog, Head, PublishOptions, Read, Subscription, seqs};
+use crate::broker::{
+    BrokerError, ChatLog, Deletion, Head, PublishOptions, Read, Subscription, seqs,
+};
 use crate::protocol::{AnswerMark, Job, ServerEvent};
 
 /// The append function shared by the publish and the enqueue scripts. KEYS: meta, log, channel,
@@ -264,6 +266,11 @@ impl RedisBroker {
     /// Reserves the chat's next block in the store and hands it to Redis.
     async fn reserve(&self, chat_id: Uuid) -> Result<(), BrokerError> {
         let block = seqs::reserve(self.store.as_ref(), chat_id).await?;
+        self.set_block(chat_id, block).await
+    }
+
+    /// Hands a reserved block to Redis ([`init_script`]).
+    async fn set_block(&self, chat_id: Uuid, block: seqs::Block) -> Result<(), BrokerError> {
         let _: i64 = self
             .scripts
             .init
@@ -370,5 +377,27 @@ impl ChatLog for RedisBroker {
 
     async fn subscribe(&self, chat_id: Uuid) -> Result<Subscription, BrokerError> {
         self.subscribe_live(chat_id).await
+    }
+
+    async fn adopt(&self, chat_id: Uuid, block: seqs::Block) -> Result<(), BrokerError> {
+        self.set_block(chat_id, block).await
+    }
+
+    async fn forget(&self, chat_id: Uuid) -> Result<(), BrokerError> {
+        let _: () = redis::pipe()
+            .del(self.meta_key(chat_id))
+            .ignore()
+            .del(self.log_key(chat_id))
+            .ignore()
+            .publish(self.key(super::DELETED_CHANNEL), chat_id.to_string())
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn deletions(&self) -> tokio::sync::broadcast::Receiver<Deletion> {
+        self.deletions.subscribe()
     }
 }

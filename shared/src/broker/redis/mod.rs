@@ -100,6 +100,10 @@ impl RedisBrokerConfig {
     }
 }
 
+/// The channel chat deletions are announced on ([`crate::broker::ChatLog::forget`]), under the
+/// prefix.
+const DELETED_CHANNEL: &str = "deleted";
+
 /// Redis-backed [`Broker`].
 pub struct RedisBroker {
     redis: crate::redis_conn::Redis,
@@ -107,6 +111,7 @@ pub struct RedisBroker {
     hub: Hub,
     control: mpsc::UnboundedSender<Control>,
     cancels: broadcast::Sender<Uuid>,
+    deletions: broadcast::Sender<crate::broker::Deletion>,
     in_flight: Arc<DashMap<String, ()>>,
     buffered: tokio::sync::Mutex<std::collections::VecDeque<Delivery>>,
     /// The last sequence number this worker acknowledged, per chat (a shortcut for `turn`).
@@ -160,6 +165,7 @@ impl RedisBroker {
             hub: Hub::with_listener(cfg.chat_buffer, emptied),
             control,
             cancels: broadcast::channel(1024).0,
+            deletions: broadcast::channel(1024).0,
             in_flight: Arc::new(DashMap::new()),
             buffered: tokio::sync::Mutex::new(std::collections::VecDeque::new()),
             acked: DashMap::new(),

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{Control, RedisBroker, STAMP};
-use crate::broker::{BrokerError, Subscription};
+use crate::broker::{BrokerError, Deletion, Subscription};
 use crate::metrics::{metrics, seconds_since};
 use crate::telemetry::trace;
 
@@ -41,7 +41,12 @@ pub(super) async fn subscriber(
     let mut pending: Option<Control> = None;
     loop {
         let Some(b) = broker.upgrade() else { return };
-        let (prefix, cancel_channel) = (b.key("chat:"), b.key("cancel"));
+        let names = Channels {
+            chat_prefix: b.key("chat:"),
+            cancel: b.key("cancel"),
+            deleted: b.key(super::DELETED_CHANNEL),
+        };
+        let prefix = names.chat_prefix.clone();
         let chats = b.hub.chat_ids();
         drop(b);
         let pubsub = match client.get_async_pubsub().await {
@@ -55,12 +60,15 @@ pub(super) async fn subscriber(
         let (mut sink, mut stream) = pubsub.split();
         let mut live: std::collections::HashSet<Uuid> = chats.iter().copied().collect();
         let mut channels: Vec<String> = chats.iter().map(|c| format!("{prefix}{c}")).collect();
-        channels.push(cancel_channel.clone());
+        channels.push(names.cancel.clone());
+        channels.push(names.deleted.clone());
         if sink.subscribe(&channels).await.is_err() {
             continue;
         }
         let Some(b) = broker.upgrade() else { return };
         b.live.store(true, Ordering::Release);
+        // Deletions announced while the connection was down reached nobody here.
+        let _ = b.deletions.send(Deletion::Missed);
         // Events published while the connection was down reached no feed: tell the feeds the
         // chats' latest `seq`s, and their sockets read the rest from the log.
         hint_latest(&b, &chats).await;
@@ -74,7 +82,7 @@ pub(super) async fn subscriber(
                     msg = stream.next() => {
                         let Some(msg) = msg else { break };
                         let Some(b) = broker.upgrade() else { return };
-                        deliver(&b, &prefix, &cancel_channel, &msg);
+                        deliver(&b, &names, &msg);
                         continue;
                     }
                     _ = keepalive.tick() => {
@@ -184,16 +192,33 @@ impl RedisBroker {
     }
 }
 
-fn deliver(b: &RedisBroker, prefix: &str, cancel_channel: &str, msg: &redis::Msg) {
+/// The channels the process's pub/sub connection follows, by their full names.
+struct Channels {
+    /// Each chat's channel is this and its id.
+    chat_prefix: String,
+    /// Cancel requests for workers.
+    cancel: String,
+    /// Chat deletions.
+    deleted: String,
+}
+
+fn deliver(b: &RedisBroker, names: &Channels, msg: &redis::Msg) {
     let channel = msg.get_channel_name();
-    if channel == cancel_channel {
-        if let Ok(chat) = std::str::from_utf8(msg.get_payload_bytes()).map(Uuid::parse_str) {
-            let _ = chat.map(|c| b.cancels.send(c));
-        }
+    let chat_of = || {
+        std::str::from_utf8(msg.get_payload_bytes())
+            .ok()
+            .and_then(|c| Uuid::parse_str(c).ok())
+    };
+    if channel == names.cancel {
+        let _ = chat_of().map(|c| b.cancels.send(c));
+        return;
+    }
+    if channel == names.deleted {
+        let _ = chat_of().map(|c| b.deletions.send(Deletion::Chat(c)));
         return;
     }
     let Some(chat) = channel
-        .strip_prefix(prefix)
+        .strip_prefix(names.chat_prefix.as_str())
         .and_then(|c| Uuid::parse_str(c).ok())
     else {
         return;
