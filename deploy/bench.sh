@@ -6,7 +6,8 @@
 #   deploy/bench.sh storm [N] [K] # N sockets (10000) over K chats (100) dropped and resumed at once
 #   deploy/bench.sh connect [N] [K] # connect rate: N sockets (15000) over K fresh chats (3000) opened
 #                                # 512 at a time; prints the rate, connect p50/p99 and the gateway's
-#                                # CPU per handshake (PROCESSES=N spreads the generator over N)
+#                                # CPU per handshake (PROCESSES=N spreads the generator over N;
+#                                # CONNECT_RATE=R opens them at R per second, open loop)
 #   deploy/bench.sh fairness     # tenant B's time to first token (50 msg/s), alone and while tenant A
 #                                # fills the worker with slow answers (3,000 chats, 200 ms per token)
 #   deploy/bench.sh flood [R]    # R upgrades/s with made-up keys (5000) from 50 addresses: a real
@@ -89,7 +90,8 @@ case "$mode" in
   connect)
     n=${2:-15000}
     $lg --url "http://127.0.0.1:$port" --sockets "$n" --chats "${3:-3000}" --messages 1 --reply-tokens 1 \
-        --connect-concurrency "${CONNECT_CONCURRENCY:-512}" --source-ips 127.0.0.1,127.0.0.2 --processes "${PROCESSES:-0}" \
+        --connect-concurrency "${CONNECT_CONCURRENCY:-512}" --connect-rate "${CONNECT_RATE:-0}" \
+        --source-ips 127.0.0.1,127.0.0.2 --processes "${PROCESSES:-0}" \
         --report reports/connect.json >/dev/null 2>reports/connect.log &
     lgpid=$!
     until grep -q "opening" reports/connect.log 2>/dev/null; do sleep 0.05; done

@@ -250,6 +250,7 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
     let opening = Instant::now();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (storm_tx, storm) = tokio::sync::watch::channel(0u64);
+    let (go_tx, go) = tokio::sync::watch::channel(false);
     let live = live::Live::new()?;
     let ready = Arc::new(Barrier::new(mine.len() + 1));
     let mut pace_txs = Vec::new();
@@ -285,6 +286,7 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
             plan,
             pace,
             ready,
+            go.clone(),
             gate,
             stop.clone(),
             storm.clone(),
@@ -299,14 +301,16 @@ async fn sockets(args: &Args, target: &setup::Target) -> anyhow::Result<Option<s
         _ = tokio::signal::ctrl_c() => Some("interrupted (Ctrl-C) while opening sockets"),
     };
     let opened_in = opening.elapsed();
-    let started = Instant::now();
     if partial.is_none() {
         if args.shard.is_some() {
             shards::emit(&serde_json::json!({"open": true}));
+            partial = shards::start_signal(deadline).await;
         } else {
             eprintln!("all sockets open");
         }
     }
+    let _ = go_tx.send(true);
+    let started = Instant::now();
     if let Some(hold) = args.idle.filter(|_| partial.is_none()) {
         eprintln!("holding {} idle sockets for {hold}s", args.sockets);
         tokio::time::sleep(Duration::from_secs(hold)).await;

@@ -11,8 +11,10 @@
 //! from the rows summed (a second's TTFT p50 and p99 are the worst shard's), merges the reports
 //! (the report's percentiles come from the merged histograms, exact, not averaged) and writes the report, the time series and the thresholds' verdict as for one process.
 //! Ctrl-C reaches every process of the group: each shard writes its partial report, and the
-//! parent merges what it got. Each shard opens its sockets on its own (there is no barrier
-//! between processes), so a shard's senders may start before another's sockets are all open.
+//! parent merges what it got. The processes start together: a shard whose sockets are open says
+//! so and waits; once every shard has, the parent tells them all to start (a line on their
+//! standard input), so messages, the schedule and `--storm-at` storms run on one clock. A shard
+//! that never gets the word ends at its deadline with a partial report.
 
 use std::{
     io::Write as _,
@@ -22,7 +24,7 @@ use std::{
 
 use anyhow::Context;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt as _, BufReader};
 
 use crate::{Args, live, setup::Target, stats::Report};
 
@@ -102,15 +104,18 @@ pub async fn run(args: &Args, target: &Target, n: usize) -> anyhow::Result<Merge
     let chats = tempfile_with(&target.chats.join("\n"))?;
     let exe = std::env::current_exe().context("finding the loadgen binary")?;
     let mut children = Vec::with_capacity(n);
+    let mut starts = Vec::with_capacity(n);
     let (tx, mut lines) = tokio::sync::mpsc::channel::<(usize, Value)>(1024);
     for index in 0..n {
         let mut child = tokio::process::Command::new(&exe)
             .args(shard_args(args, target, &chats.1, index, n))
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .context("starting a shard")?;
+        starts.push(child.stdin.take().context("shard stdin")?);
         let out = child.stdout.take().context("shard stdout")?;
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -124,7 +129,7 @@ pub async fn run(args: &Args, target: &Target, n: usize) -> anyhow::Result<Merge
         children.push(child);
     }
     drop(tx);
-    let merged = gather(&mut lines, n).await;
+    let merged = gather(&mut lines, n, starts).await;
     for mut child in children {
         let _ = child.wait().await;
     }
@@ -153,6 +158,7 @@ fn shard_args(
 async fn gather(
     lines: &mut tokio::sync::mpsc::Receiver<(usize, Value)>,
     n: usize,
+    mut starts: Vec<tokio::process::ChildStdin>,
 ) -> anyhow::Result<Merged> {
     let started = Instant::now();
     let bar = live::bar();
@@ -181,6 +187,10 @@ async fn gather(
             if opened == n {
                 opened_in = Some(started.elapsed());
                 eprintln!("all sockets open ({n} processes)");
+                for start in &mut starts {
+                    // A shard that is gone has its own end to report.
+                    let _ = start.write_all(b"go\n").await;
+                }
             }
         } else if let Some(report) = v.get("report") {
             total.merge(Report::from_json(report)?);
@@ -204,6 +214,21 @@ async fn gather(
         partial,
         shard_cpu_s: Some(cpu),
     })
+}
+
+/// In a shard whose sockets are open: waits for the parent's word that every shard's are (or
+/// for its standard input to close: the parent is gone and the shard runs on alone). Returns
+/// why the run is cut short, if it is.
+pub async fn start_signal(deadline: tokio::time::Instant) -> Option<&'static str> {
+    let mut word = String::new();
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    tokio::select! {
+        _ = stdin.read_line(&mut word) => None,
+        () = tokio::time::sleep_until(deadline) => {
+            Some("the deadline passed while other processes opened their sockets")
+        }
+        _ = tokio::signal::ctrl_c() => Some("interrupted (Ctrl-C) while opening sockets"),
+    }
 }
 
 /// Prints one line of a shard's output for the parent.

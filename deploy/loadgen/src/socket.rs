@@ -193,11 +193,13 @@ struct Answer {
     last_token_at: Option<Instant>,
 }
 
-/// Runs the socket to completion (or until `stop`) and reports what it saw.
+/// Runs the socket to completion (or until `stop`) and reports what it saw: opens it (on its
+/// schedule, through the connect `gate`), meets the others at `ready`, and starts on `go`.
 pub async fn run(
     plan: Plan,
     mut pace: Option<mpsc::Receiver<()>>,
     ready: Arc<Barrier>,
+    mut go: watch::Receiver<bool>,
     gate: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
     mut storm: watch::Receiver<u64>,
@@ -211,8 +213,10 @@ pub async fn run(
         let _permit = gate.acquire().await?;
         open(&plan, None, plan.open_at, &mut report).await
     };
-    // Always: the run goes on with the sockets that did open.
+    // Always: the run goes on with the sockets that did open, once every process's are open
+    // (or some never will; a closed `go` starts it too).
     ready.wait().await;
+    let _ = go.wait_for(|&go| go).await;
     let Some(ws) = opened else { return Ok(report) };
     report.sockets = 1;
     let (mut tx, mut rx) = ws.split();

@@ -391,6 +391,17 @@ async fn a_run_over_several_processes_makes_one_merged_report() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reconnect_storm_mid_answer_resumes_every_socket_without_a_gap() {
+    storms_resume_every_socket("1").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn storms_over_several_processes_fire_on_one_clock_and_lose_nothing() {
+    // The shards start together once all have their sockets open, so each storm finds every
+    // chat mid-answer in every process.
+    storms_resume_every_socket("3").await;
+}
+
+async fn storms_resume_every_socket(processes: &str) {
     let app = spawn_gateway().await;
     // Answers of 30 tokens 40 ms apart (1.2 s each), four per chat: the storm at 1.5 s finds
     // every chat mid-answer, and a second one at 3 s another.
@@ -399,6 +410,8 @@ async fn a_reconnect_storm_mid_answer_resumes_every_socket_without_a_gap() {
         &app.url,
         "--admin-token",
         ADMIN,
+        "--processes",
+        processes,
         "--sockets",
         "6",
         "--chats",
