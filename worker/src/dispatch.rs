@@ -3,7 +3,10 @@
 //!
 //! A chat's jobs are answered one at a time, in the order they were delivered; different chats
 //! run in parallel up to `max_concurrent_chats`, and one tenant's chats at most up to its
-//! `max_concurrent_answers` setting (per worker process). Whenever a slot frees, the tenants
+//! `max_concurrent_answers` setting: in this worker's scheduler, and across every worker by the
+//! broker's answer permits (an answer takes one of its tenant's `max_concurrent_answers`
+//! permits before it streams, renews it while it runs and gives it back; a worker's job waits,
+//! polling, while other workers hold them all). Whenever a slot frees, the tenants
 //! with a chat waiting take turns (round robin; a tenant's own chats take turns too), so a
 //! tenant that floods its chats with slow answers holds at most its cap, and another tenant's
 //! job starts at once. The reader keeps taking jobs while some wait for a slot (up to
@@ -17,9 +20,14 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use shared::{broker::Delivery, shutdown::Shutdown, store::TenantSettings};
+use shared::{
+    broker::Delivery,
+    shutdown::{CancellationToken, Shutdown},
+    store::TenantSettings,
+};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -111,9 +119,9 @@ fn spawn_answer(ctx: &Arc<Context>, sched: &Arc<Shared>, delivery: Delivery, shu
             () = stop.cancelled() => false,
             () = wait_for_turn(&ctx, &delivery) => true,
         };
-        if turn {
+        if turn && take_permit(&ctx, &delivery, &stop).await {
             metrics().queue_depth.dec();
-            answer::answer(&ctx, delivery).await;
+            answer_holding_permit(&ctx, delivery).await;
         }
         if stop.is_cancelled() {
             return;
@@ -123,6 +131,53 @@ fn spawn_answer(ctx: &Arc<Context>, sched: &Arc<Shared>, delivery: Delivery, shu
             spawn_answer(&ctx, &sched, delivery, &inner);
         }
     });
+}
+
+/// Waits for one of the tenant's answer permits, shared by every worker; false when the stop
+/// signal came first. A broker that cannot be asked lets the answer go ahead: the cap is
+/// fairness, the answer is the promise.
+async fn take_permit(ctx: &Context, delivery: &Delivery, stop: &CancellationToken) -> bool {
+    let tenant = delivery.job.tenant_id;
+    let cap = u32::try_from(tenant_cap(ctx, tenant).await).unwrap_or(u32::MAX);
+    let mut wait = Duration::from_millis(20);
+    loop {
+        match ctx.broker.take_permit(tenant, &delivery.id, cap).await {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take an answer permit; answering anyway");
+                return true;
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return false,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Answers, renewing the answer's permit meanwhile, then gives the permit back (one that
+/// cannot be given back lapses within a worker lease).
+async fn answer_holding_permit(ctx: &Context, delivery: Delivery) {
+    let (tenant, holder) = (delivery.job.tenant_id, delivery.id.clone());
+    let every = ctx.broker.permit_renewal();
+    let renew = async {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = ctx.broker.renew_permit(tenant, &holder).await {
+                tracing::warn!(error = %e, "could not renew an answer permit");
+            }
+        }
+    };
+    // The renewal never ends on its own: this ends with the answer.
+    tokio::select! {
+        () = answer::answer(ctx, delivery) => {}
+        () = renew => {}
+    }
+    if let Err(e) = ctx.broker.release_permit(tenant, &holder).await {
+        tracing::warn!(error = %e, "could not give an answer permit back; it lapses");
+    }
 }
 
 /// Waits until the chat's earlier jobs are done on whichever worker holds them.

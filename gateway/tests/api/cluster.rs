@@ -273,6 +273,53 @@ async fn a_chat_deleted_through_one_gateway_is_refused_by_another_that_knew_it()
 }
 
 #[tokio::test]
+async fn a_tenants_answer_cap_holds_across_workers() -> TestResult {
+    let db = TestDb::postgres().await;
+    // Two gateways, each with its worker in process: without a shared count each worker
+    // would let the tenant run two answers, four in all.
+    let a = start(&db.url, use_redis).await;
+    let b = start(&db.url, use_redis).await;
+    let slow =
+        json!({"max_concurrent_answers": 2, "agent": {"options": {"first_token_delay_ms": 1200}}});
+    let key = a.tenant_with(slow).await;
+    let mut sockets = Vec::new();
+    for i in 0..6 {
+        let user = format!("u{i}");
+        let chat = a.chat_as(&key, &user).await;
+        let gateway = if i % 2 == 0 { &a } else { &b };
+        let mut ws = gateway.ws(&key, &user, &chat).await;
+        ws.until("connection_established").await;
+        ws.send_json(json!({"content": "slow please"})).await;
+        ws.until("message_received").await;
+        sockets.push(ws);
+    }
+    // Each answer's span, by the workers' own timestamps on its first and last event.
+    let at =
+        |e: &Value| chrono::DateTime::parse_from_rfc3339(e["timestamp"].as_str().unwrap()).unwrap();
+    let mut spans = Vec::new();
+    for ws in &mut sockets {
+        let events = ws.until("message_stream_ended").await;
+        let started = events
+            .iter()
+            .find(|e| e["event_type"] == "message_stream_started")
+            .expect("started");
+        spans.push((at(started), at(events.last().unwrap())));
+    }
+    let most = spans
+        .iter()
+        .map(|(start, _)| {
+            spans
+                .iter()
+                .filter(|(s, e)| s <= start && start < e)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= 2, "{most} answers at once: {spans:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_worker_stopped_mid_answer_finishes_it_once_then_exits() -> TestResult {
     let db = TestDb::postgres().await;
     let gw = start(&db.url, use_redis).await;

@@ -101,6 +101,30 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn has_live_job(&self, _message_id: &str) -> Result<bool, BrokerError> {
         Ok(true)
     }
+    /// Takes one of the tenant's `cap` answer permits for `holder` (a delivery's id), shared
+    /// by every worker; false while all are held. A permit lapses unless renewed
+    /// ([`JobQueue::renew_permit`]) within the worker lease, so a dead worker's come back. The
+    /// in-process queue has one worker, whose scheduler already holds the tenant to its cap.
+    async fn take_permit(
+        &self,
+        _tenant_id: Uuid,
+        _holder: &str,
+        _cap: u32,
+    ) -> Result<bool, BrokerError> {
+        Ok(true)
+    }
+    /// Keeps a permit taken with [`JobQueue::take_permit`] from lapsing.
+    async fn renew_permit(&self, _tenant_id: Uuid, _holder: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+    /// Gives a permit back.
+    async fn release_permit(&self, _tenant_id: Uuid, _holder: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+    /// How often a held permit must be renewed.
+    fn permit_renewal(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
     /// Whether this process is the one to run the unanswered sweep for the next `period`
     /// (one process at a time). The in-process queue needs no sweep: the embedded gateway
     /// queues its unanswered messages again at start-up.

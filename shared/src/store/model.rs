@@ -18,7 +18,7 @@ pub struct TenantSettings {
     /// REST requests per minute, across all gateways.
     #[schema(minimum = 1, maximum = 1_000_000)]
     pub requests_per_minute: u32,
-    /// Answers of this tenant streamed at once by one worker process; its other chats wait for
+    /// Answers of this tenant streamed at once, all workers together; its other chats wait for
     /// a slot while other tenants' chats start at once (the workers' fairness between tenants).
     #[schema(minimum = 1, maximum = 100_000)]
     pub max_concurrent_answers: u32,

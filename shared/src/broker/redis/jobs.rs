@@ -10,6 +10,7 @@ use super::{ACKED_MEMORY, GROUP, READ_BATCH, RedisBroker, unavailable};
 use crate::broker::{BrokerError, ChatLog, Delivery, JobQueue, PublishOptions};
 use crate::metrics::metrics;
 use crate::protocol::{ErrorCode, Job, ServerEvent};
+use uuid::Uuid;
 
 /// How long a waiting message counts in its tenant's backlog at most (an hour).
 const BACKLOG_STALE_MS: i64 = 3_600_000;
@@ -220,6 +221,27 @@ impl JobQueue for RedisBroker {
         }
     }
 
+    async fn take_permit(
+        &self,
+        tenant_id: Uuid,
+        holder: &str,
+        cap: u32,
+    ) -> Result<bool, BrokerError> {
+        self.permit(tenant_id, holder, cap.max(1)).await
+    }
+
+    async fn renew_permit(&self, tenant_id: Uuid, holder: &str) -> Result<(), BrokerError> {
+        self.permit(tenant_id, holder, 0).await.map(drop)
+    }
+
+    async fn release_permit(&self, tenant_id: Uuid, holder: &str) -> Result<(), BrokerError> {
+        self.drop_permit(tenant_id, holder).await
+    }
+
+    fn permit_renewal(&self) -> Duration {
+        Duration::from_millis(self.cfg.delivery.worker_lease_ms.max(300) / 3)
+    }
+
     async fn turn(&self, delivery: &Delivery) -> Result<(), BrokerError> {
         // This worker acknowledged the chat's previous job itself: no need to ask Redis.
         if self
@@ -267,7 +289,7 @@ impl JobQueue for RedisBroker {
         Ok(())
     }
 
-    async fn backlog(&self, tenant_id: uuid::Uuid) -> Result<u64, BrokerError> {
+    async fn backlog(&self, tenant_id: Uuid) -> Result<u64, BrokerError> {
         // Entries older than BACKLOG_STALE are forgotten: a job Redis lost, or one whose
         // acknowledgement never came, cannot hold a tenant's backlog full for good.
         let stale = chrono::Utc::now().timestamp_millis() - BACKLOG_STALE_MS;

@@ -20,6 +20,8 @@
 //!   in the hub and tells their feeds the chats' latest `seq`s, so sockets read what they
 //!   missed from the log. Tokens ready at the same moment travel in one pub/sub message
 //!   (newline-separated frames) and are split back into one socket event each.
+//! - **Answer permits** ([`permits`]): a tenant's `max_concurrent_answers` counts its answers
+//!   on every worker together.
 //! - **Liveness** ([`lease`]): workers hold short leases; the jobs of a worker whose lease
 //!   lapsed are taken over within a lease, and the unanswered sweep queues again every saved
 //!   message that has neither an answer nor a live job.
@@ -37,6 +39,7 @@ mod batch;
 mod jobs;
 mod lease;
 mod log;
+mod permits;
 mod pubsub;
 
 use super::{Broker, BrokerError, CancelBus, Delivery, Hub, PublishOptions};
@@ -132,6 +135,7 @@ struct Scripts {
     init: Script,
     read: Script,
     ack: Script,
+    permit: Script,
 }
 
 /// Retention of the chat log, as the scripts take it.
@@ -176,6 +180,7 @@ impl RedisBroker {
                 enqueue: log::enqueue_script(),
                 init: log::init_script(),
                 read: log::read_script(),
+                permit: permits::permit_script(),
                 ack: Script::new(
                     "redis.call('ZREM', KEYS[1], ARGV[2]) \
                      redis.call('DEL', KEYS[3]) redis.call('ZREM', KEYS[4], KEYS[3]) \
