@@ -5,6 +5,12 @@
 //! socket. Without the broker the message stays saved but unannounced: the sender is told the
 //! service is unavailable instead, and the workers' unanswered sweep answers it later.
 //!
+//! The whole step runs within `timeouts.request_ms`, as a REST request does: each store
+//! statement and Redis command has its own limit, but several slow ones in a row must not hold
+//! the sender for their sum. Past the deadline the sender gets `SERVICE_UNAVAILABLE` (the
+//! socket stays open); a save that completed all the same is then a saved, unannounced message
+//! as above, and a resend under the same `client_message_id` finds it.
+//!
 //! Idempotent send: a message carrying a `client_message_id` already saved in the chat (the
 //! store's unique key, so across gateways, kept as long as the message) saves nothing and starts
 //! no answer; the sender gets the original `message_received` again, without a `seq` (it is
@@ -90,6 +96,21 @@ pub async fn accept(
     message: NewMessage,
 ) -> Result<Outcome, ApiError> {
     count_frame(sender.limiter, sender.per_second)?;
+    let limit = state.config.timeouts.request();
+    tokio::time::timeout(limit, checked_save(state, sender, message))
+        .await
+        .unwrap_or_else(|_| {
+            let cause = crate::error::Dependency::Gateway("accepting the message timed out");
+            Err(ApiError::Unavailable(cause))
+        })
+}
+
+/// The tenant's limits, then the save and the announcement.
+async fn checked_save(
+    state: &AppState,
+    sender: &Sender<'_>,
+    message: NewMessage,
+) -> Result<Outcome, ApiError> {
     check_tenant_limits(state, sender.tenant_id).await?;
     let span = tracing::debug_span!(
         target: trace::TARGET,

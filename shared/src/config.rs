@@ -158,7 +158,8 @@ pub struct TimeoutsConfig {
     /// Milliseconds a Redis command may wait for its reply (`PARLEY_TIMEOUTS__REDIS_MS`); the
     /// blocking job read is bounded by its own `BLOCK` time instead.
     pub redis_ms: u64,
-    /// Milliseconds a REST or admin request may take in all (`PARLEY_TIMEOUTS__REQUEST_MS`):
+    /// Milliseconds a REST or admin request, or accepting a socket's message, may take in all
+    /// (`PARLEY_TIMEOUTS__REQUEST_MS`):
     /// the bound for a dependency that hangs without an error (a network that drops packets).
     pub request_ms: u64,
 }

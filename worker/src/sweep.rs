@@ -3,8 +3,8 @@
 //! has no job queued or in a worker's hands (Redis lost it, or a crash fell between saving and
 //! queueing) is queued again. One worker sweeps at a time (a lease in Redis), every third of the
 //! bound; the job's fence and the store's one-answer-per-message rule keep it answered once.
-//! In the embedded mode the broker never elects a sweeper: the gateway queues its unanswered
-//! messages again at start-up instead.
+//! In the embedded mode the one worker sweeps (the in-process queue knows its live jobs), and
+//! the gateway also queues its unanswered messages again at start-up.
 
 use std::{sync::Arc, time::Duration};
 

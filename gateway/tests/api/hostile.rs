@@ -315,6 +315,51 @@ async fn a_stalled_postgres_fails_requests_within_the_statement_timeout() -> Tes
     Ok(())
 }
 
+/// A socket's message whose save hangs (a lock the test holds) is refused with
+/// `SERVICE_UNAVAILABLE` within the request deadline, not the far longer statement timeout; the
+/// socket stays open, and once the lock goes a resend under the same `client_message_id` leaves
+/// exactly one saved message, answered.
+#[tokio::test]
+async fn a_socket_message_stuck_in_the_store_fails_within_the_request_deadline() -> TestResult {
+    use sqlx::{Connection, Executor};
+    let db = TestDb::postgres().await;
+    let app = start(&db.url, |c| {
+        c.timeouts.store_ms = 30_000;
+        c.timeouts.request_ms = 1_000;
+        c.delivery.unanswered_after_secs = 1;
+    })
+    .await;
+    let chat = app.chat("u").await;
+    let mut ws = app.ws(&app.api_key, "u", &chat).await;
+    ws.until("connection_established").await;
+    let mut locker = sqlx::PgConnection::connect(&db.url).await?;
+    locker
+        .execute("BEGIN; LOCK TABLE messages, chats IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let message = json!({"content": "stuck", "client_message_id": "c-1"});
+    let started = std::time::Instant::now();
+    ws.send_json(message.clone()).await;
+    let refused = ws.next().await;
+    let took = started.elapsed();
+    assert_error(&refused, "SERVICE_UNAVAILABLE");
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    locker.execute("ROLLBACK").await?;
+    ws.send_json(message).await;
+    ws.until("message_received").await;
+    // Answered: at once if the resend saved it, by the unanswered sweep if the stuck save
+    // went through after all.
+    ws.until("message_stream_ended").await;
+    let page = body(
+        app.get(&app.api_key, &format!("/api/v1/chats/{chat}/messages"))
+            .await,
+    )
+    .await;
+    let saved: Vec<&Value> = by_role(&page, "user");
+    assert_eq!(saved.len(), 1, "{page}");
+    assert_eq!(saved[0]["content"], "stuck");
+    Ok(())
+}
+
 /// A gateway and a worker at `debug` level, driven through every path that handles a secret
 /// (the admin token on good and bad requests, a key on REST and WebSocket, in the query and
 /// in a header, right and wrong, a client token and its pepper, a database URL with a

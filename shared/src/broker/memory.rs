@@ -6,7 +6,9 @@
 //! `log_events` events and `log_secs` seconds) and drops a chat's ring after `log_idle_secs`
 //! without events. `seq`s come from blocks reserved in the store ([`super::seqs`]), so a restarted
 //! process continues each chat past every `seq` it issued before. Publishes are never fenced:
-//! the in-process queue hands each job out once, so no attempt is ever taken over.
+//! the in-process queue hands each job out once, so no attempt is ever taken over. The queue
+//! knows which messages have a job (queued or being answered), so the workers' unanswered
+//! sweep runs here too.
 
 use std::collections::VecDeque;
 use std::sync::{
@@ -100,6 +102,8 @@ pub struct MemoryBroker {
     deletions: broadcast::Sender<Deletion>,
     /// Messages queued and not acknowledged, by tenant.
     backlog: DashMap<Uuid, u64>,
+    /// Messages with a job queued or being answered (the unanswered sweep skips them).
+    live: DashMap<String, ()>,
 }
 
 impl MemoryBroker {
@@ -110,6 +114,7 @@ impl MemoryBroker {
         let d = &config.delivery;
         Self {
             backlog: DashMap::new(),
+            live: DashMap::new(),
             jobs_tx,
             jobs_rx: Mutex::new(jobs_rx),
             next_id: AtomicU64::new(1),
@@ -194,6 +199,7 @@ impl MemoryBroker {
 impl JobQueue for MemoryBroker {
     async fn enqueue(&self, job: Job) -> Result<(), BrokerError> {
         *self.backlog.entry(job.tenant_id).or_default() += 1;
+        self.live.insert(job.message_id.clone(), ());
         self.jobs_tx
             .send(job)
             .await
@@ -212,6 +218,7 @@ impl JobQueue for MemoryBroker {
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
         // A job leaves the in-process queue when it is delivered; only the backlog counts it.
+        self.live.remove(&delivery.job.message_id);
         self.backlog.remove_if_mut(&delivery.job.tenant_id, |_, n| {
             *n = n.saturating_sub(1);
             *n == 0
@@ -221,6 +228,16 @@ impl JobQueue for MemoryBroker {
 
     async fn backlog(&self, tenant_id: Uuid) -> Result<u64, BrokerError> {
         Ok(self.backlog.get(&tenant_id).map_or(0, |n| *n))
+    }
+
+    async fn has_live_job(&self, message_id: &str) -> Result<bool, BrokerError> {
+        Ok(self.live.contains_key(message_id))
+    }
+
+    /// The one process sweeps: a message saved while its socket's accept timed out (the save
+    /// went on; `message_received` was never sent) is answered without waiting for a restart.
+    async fn lead_sweep(&self, _period: Duration) -> Result<bool, BrokerError> {
+        Ok(true)
     }
 }
 

@@ -126,8 +126,7 @@ pub trait JobQueue: Send + Sync + 'static {
         std::time::Duration::from_secs(1)
     }
     /// Whether this process is the one to run the unanswered sweep for the next `period`
-    /// (one process at a time). The in-process queue needs no sweep: the embedded gateway
-    /// queues its unanswered messages again at start-up.
+    /// (one process at a time).
     async fn lead_sweep(&self, _period: std::time::Duration) -> Result<bool, BrokerError> {
         Ok(false)
     }
