@@ -68,6 +68,13 @@ async fn loadgen(args: &[&str]) -> (i32, Value) {
     )
 }
 
+/// Runs the loadgen against `app` with the admin token (a tenant of its own), then `args`.
+async fn loadgen_against(app: &App, args: &[&str]) -> (i32, Value) {
+    let mut all = vec!["--url", app.url.as_str(), "--admin-token", ADMIN];
+    all.extend_from_slice(args);
+    loadgen(&all).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_handshakes_are_counted_and_the_run_still_reports() {
     let app = spawn_gateway().await;
@@ -169,24 +176,23 @@ async fn a_broken_threshold_sets_the_exit_code_and_the_tenant_goes_away() {
 async fn a_run_cut_by_its_deadline_writes_a_partial_report() {
     let app = spawn_gateway().await;
     let started = std::time::Instant::now();
-    let (code, report) = loadgen(&[
-        "--url",
-        &app.url,
-        "--admin-token",
-        ADMIN,
-        "--sockets",
-        "2",
-        "--chats",
-        "1",
-        "--messages",
-        "3",
-        "--reply-tokens",
-        "200",
-        "--token-delay-ms",
-        "50",
-        "--timeout",
-        "2",
-    ])
+    let (code, report) = loadgen_against(
+        &app,
+        &[
+            "--sockets",
+            "2",
+            "--chats",
+            "1",
+            "--messages",
+            "3",
+            "--reply-tokens",
+            "200",
+            "--token-delay-ms",
+            "50",
+            "--timeout",
+            "2",
+        ],
+    )
     .await;
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["partial"], true, "{report}");
@@ -208,24 +214,23 @@ async fn out_writes_the_report_the_time_series_and_a_page_of_plots() {
     let app = spawn_gateway().await;
     let out = tempfile::TempDir::new().unwrap();
     let pattern = out.path().join("run-{time}");
-    let (code, _) = loadgen(&[
-        "--url",
-        &app.url,
-        "--admin-token",
-        ADMIN,
-        "--sockets",
-        "6",
-        "--chats",
-        "3",
-        "--messages",
-        "4",
-        "--reply-tokens",
-        "30",
-        "--token-delay-ms",
-        "40",
-        "--out",
-        pattern.to_str().unwrap(),
-    ])
+    let (code, _) = loadgen_against(
+        &app,
+        &[
+            "--sockets",
+            "6",
+            "--chats",
+            "3",
+            "--messages",
+            "4",
+            "--reply-tokens",
+            "30",
+            "--token-delay-ms",
+            "40",
+            "--out",
+            pattern.to_str().unwrap(),
+        ],
+    )
     .await;
     assert_eq!(code, 0);
     // `{time}` became the run's start: one folder per run.
@@ -332,28 +337,27 @@ async fn a_run_over_several_processes_makes_one_merged_report() {
     let app = spawn_gateway().await;
     let out = tempfile::TempDir::new().unwrap();
     // 3 processes, 12 sockets over 4 chats, open loop at 8 msg/s in total (a run of 2.5 s).
-    let (code, report) = loadgen(&[
-        "--url",
-        &app.url,
-        "--admin-token",
-        ADMIN,
-        "--processes",
-        "3",
-        "--sockets",
-        "12",
-        "--chats",
-        "4",
-        "--messages",
-        "5",
-        "--rate",
-        "8",
-        "--reply-tokens",
-        "10",
-        "--threshold",
-        "protocol_violations==0",
-        "--out",
-        out.path().to_str().unwrap(),
-    ])
+    let (code, report) = loadgen_against(
+        &app,
+        &[
+            "--processes",
+            "3",
+            "--sockets",
+            "12",
+            "--chats",
+            "4",
+            "--messages",
+            "5",
+            "--rate",
+            "8",
+            "--reply-tokens",
+            "10",
+            "--threshold",
+            "protocol_violations==0",
+            "--out",
+            out.path().to_str().unwrap(),
+        ],
+    )
     .await;
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["processes"], 3);
@@ -405,30 +409,29 @@ async fn storms_resume_every_socket(processes: &str) {
     let app = spawn_gateway().await;
     // Answers of 30 tokens 40 ms apart (1.2 s each), four per chat: the storm at 1.5 s finds
     // every chat mid-answer, and a second one at 3 s another.
-    let (code, report) = loadgen(&[
-        "--url",
-        &app.url,
-        "--admin-token",
-        ADMIN,
-        "--processes",
-        processes,
-        "--sockets",
-        "6",
-        "--chats",
-        "3",
-        "--messages",
-        "4",
-        "--reply-tokens",
-        "30",
-        "--token-delay-ms",
-        "40",
-        "--storm-at",
-        "1500ms",
-        "--storm-at",
-        "3s",
-        "--threshold",
-        "storm_reconnect_p99<5s",
-    ])
+    let (code, report) = loadgen_against(
+        &app,
+        &[
+            "--processes",
+            processes,
+            "--sockets",
+            "6",
+            "--chats",
+            "3",
+            "--messages",
+            "4",
+            "--reply-tokens",
+            "30",
+            "--token-delay-ms",
+            "40",
+            "--storm-at",
+            "1500ms",
+            "--storm-at",
+            "3s",
+            "--threshold",
+            "storm_reconnect_p99<5s",
+        ],
+    )
     .await;
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["storm_reconnects"], 12, "{report}");
@@ -447,24 +450,23 @@ async fn sockets_open_on_their_schedule_at_the_connect_rate() {
     let app = spawn_gateway().await;
     // 20 sockets at 40/s over 2 processes, 20/s each: each process's last is due 0.45 s in
     // (9 / 20 s), so the opening takes at least that long however fast the gateway is.
-    let (code, report) = loadgen(&[
-        "--url",
-        &app.url,
-        "--admin-token",
-        ADMIN,
-        "--processes",
-        "2",
-        "--sockets",
-        "20",
-        "--chats",
-        "4",
-        "--messages",
-        "1",
-        "--reply-tokens",
-        "3",
-        "--connect-rate",
-        "40",
-    ])
+    let (code, report) = loadgen_against(
+        &app,
+        &[
+            "--processes",
+            "2",
+            "--sockets",
+            "20",
+            "--chats",
+            "4",
+            "--messages",
+            "1",
+            "--reply-tokens",
+            "3",
+            "--connect-rate",
+            "40",
+        ],
+    )
     .await;
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["connect_ms"]["count"], 20, "{report}");
