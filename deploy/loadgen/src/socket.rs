@@ -120,8 +120,8 @@ fn connect_failure(e: &anyhow::Error) -> String {
 }
 
 /// Connects and waits for `connection_established`; a refusal is counted in `report` by its
-/// error code (`connect:…` when no socket opened, `closed` when it closed without a word).
-/// Opens the socket; its connect latency counts from `due` (a scheduled first open) or now.
+/// error code (`connect:…` when no socket opened, `closed` when it closed without a word). Its
+/// connect latency counts from `due` (a scheduled first open) or from now.
 async fn open(
     plan: &Plan,
     last_seq: Option<u64>,
