@@ -277,3 +277,40 @@ async fn a_deleted_chat_is_announced_to_every_process_and_its_log_is_gone() {
         );
     }
 }
+
+/// A tenant's answer permits are shared by every worker on the Redis: the cap holds across two
+/// processes, a renewal keeps a permit, a release frees it, and a permit nobody renews (its
+/// worker died) lapses within the worker lease.
+#[tokio::test]
+async fn answer_permits_hold_across_workers_and_lapse_when_not_renewed() {
+    let mut base = Config::default();
+    base.delivery.worker_lease_ms = 1_500;
+    let f = fixture_with(true, base).await;
+    let other = broker::connect(&f.config, f.store.clone(), Role::Worker)
+        .await
+        .unwrap();
+    let t = f.tenant;
+    assert!(f.broker.take_permit(t, "job-1", 2).await.unwrap());
+    assert!(other.take_permit(t, "job-2", 2).await.unwrap());
+    assert!(!other.take_permit(t, "job-3", 2).await.unwrap(), "the cap");
+    // The holder of a permit keeps it (a job taken over keeps its delivery id).
+    assert!(other.take_permit(t, "job-1", 2).await.unwrap());
+    f.broker.release_permit(t, "job-2").await.unwrap();
+    assert!(
+        other.take_permit(t, "job-3", 2).await.unwrap(),
+        "freed by a release"
+    );
+    // job-3 is renewed past the lease; job-1 is left to lapse.
+    for _ in 0..4 {
+        tokio::time::sleep(f.broker.permit_renewal()).await;
+        other.renew_permit(t, "job-3").await.unwrap();
+    }
+    assert!(
+        other.take_permit(t, "job-4", 2).await.unwrap(),
+        "job-1 lapsed"
+    );
+    assert!(
+        !other.take_permit(t, "job-5", 2).await.unwrap(),
+        "job-3 was kept"
+    );
+}
