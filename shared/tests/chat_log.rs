@@ -302,7 +302,7 @@ async fn answer_permits_hold_across_workers_and_lapse_when_not_renewed() {
     );
     // job-3 is renewed past the lease; job-1 is left to lapse.
     for _ in 0..4 {
-        tokio::time::sleep(f.broker.permit_renewal()).await;
+        tokio::time::sleep(f.broker.permit_renewal().unwrap()).await;
         other.renew_permit(t, "job-3").await.unwrap();
     }
     assert!(

@@ -119,9 +119,10 @@ fn spawn_answer(ctx: &Arc<Context>, sched: &Arc<Shared>, delivery: Delivery, shu
             () = stop.cancelled() => false,
             () = wait_for_turn(&ctx, &delivery) => true,
         };
-        if turn && take_permit(&ctx, &delivery, &stop).await {
+        let permits = ctx.broker.permit_renewal();
+        if turn && (permits.is_none() || take_permit(&ctx, &delivery, &stop).await) {
             metrics().queue_depth.dec();
-            answer_holding_permit(&ctx, delivery).await;
+            answer_holding_permit(&ctx, delivery, permits).await;
         }
         if stop.is_cancelled() {
             return;
@@ -157,11 +158,13 @@ async fn take_permit(ctx: &Context, delivery: &Delivery, stop: &CancellationToke
     }
 }
 
-/// Answers, renewing the answer's permit meanwhile, then gives the permit back (one that
-/// cannot be given back lapses within a worker lease).
-async fn answer_holding_permit(ctx: &Context, delivery: Delivery) {
+/// Answers, renewing the answer's permit every `permits` meanwhile, then gives the permit back
+/// (one that cannot be given back lapses within a worker lease); `None`: no permit to hold.
+async fn answer_holding_permit(ctx: &Context, delivery: Delivery, permits: Option<Duration>) {
+    let Some(every) = permits else {
+        return answer::answer(ctx, delivery).await;
+    };
     let (tenant, holder) = (delivery.job.tenant_id, delivery.id.clone());
-    let every = ctx.broker.permit_renewal();
     let renew = async {
         loop {
             tokio::time::sleep(every).await;

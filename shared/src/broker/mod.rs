@@ -121,9 +121,10 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn release_permit(&self, _tenant_id: Uuid, _holder: &str) -> Result<(), BrokerError> {
         Ok(())
     }
-    /// How often a held permit must be renewed.
-    fn permit_renewal(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(1)
+    /// How often a held permit must be renewed; `None` where answers need no permits (the
+    /// in-process queue), so a worker skips taking them altogether.
+    fn permit_renewal(&self) -> Option<std::time::Duration> {
+        None
     }
     /// Whether this process is the one to run the unanswered sweep for the next `period`
     /// (one process at a time).

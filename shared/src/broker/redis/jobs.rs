@@ -238,8 +238,10 @@ impl JobQueue for RedisBroker {
         self.drop_permit(tenant_id, holder).await
     }
 
-    fn permit_renewal(&self) -> Duration {
-        Duration::from_millis(self.cfg.delivery.worker_lease_ms.max(300) / 3)
+    fn permit_renewal(&self) -> Option<Duration> {
+        Some(Duration::from_millis(
+            self.cfg.delivery.worker_lease_ms.max(300) / 3,
+        ))
     }
 
     async fn turn(&self, delivery: &Delivery) -> Result<(), BrokerError> {
