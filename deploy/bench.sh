@@ -11,7 +11,11 @@
 #   deploy/bench.sh fairness     # tenant B's time to first token (50 msg/s), alone and while tenant A
 #                                # fills the worker with slow answers (3,000 chats, 200 ms per token)
 #   deploy/bench.sh flood [R]    # R upgrades/s with made-up keys (5000) from 50 addresses: a real
-#                                # client's handshake p99 and a load run's tokens/s, alone and flooded
+#                                # client's handshake p99 and a load run's tokens/s, alone and flooded,
+#                                # and the gateway's CPU per flood upgrade
+#   deploy/bench.sh flood-floor [R] # the same flood against the least server possible
+#                                # (loadgen's examples/bare_refuser.rs) and against the gateway,
+#                                # each on CPU 0 with the flooder on CPU 1: CPU per upgrade
 # TOPOLOGY=distributed runs one gateway and one worker process on the local Redis and
 # PostgreSQL instead of the embedded gateway, and also reports Redis PUBLISH calls per token.
 # throughput also prints the CPU seconds each process used (gateway, worker, Redis, PostgreSQL,
@@ -53,6 +57,12 @@ cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/p
 redis_cpu() { redis-cli info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.2f", s}'; }
 pg_cpu() { for p in $(pgrep -x postgres); do cpu_s "$p"; echo; done | awk '{s += $1} END {printf "%.2f", s}'; }
 cpu_line() { echo "$(cpu_s $gw) ${wk:+$(cpu_s $wk)} $(redis_cpu) $(pg_cpu)"; }
+# CPU microseconds process $1 spent per flood upgrade since it had used $2 CPU seconds, from
+# the flood report $3 (labelled $4).
+per_upgrade() {
+  awk -v a="$2" -v b="$(cpu_s "$1")" -v n="$(python3 -c "import json; print(json.load(open('$3'))['flood']['sent'])")" -v l="$4" \
+    'BEGIN {printf "%s CPU per flood upgrade: %.0f us (%d upgrades)\n", l, (b - a) / n * 1e6, n}'
+}
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$gw/status"; }
 lg="${LOADGEN_WRAP:-} ./target/release/loadgen"
 case "$mode" in
@@ -142,7 +152,9 @@ PY
     if [ -n "${FLOOD_PIN:-}" ]; then pl="taskset -c 0"; pf="taskset -c 1"; fi
     load() { $pl $lg --url "http://127.0.0.1:$port" --sockets 200 --chats 200 --messages 20 --reply-tokens 50 --report "$1" >/dev/null; }
     $pf $lg flood --url "http://127.0.0.1:$port" --rate 0 --duration 10 --report reports/flood-alone.json >/dev/null
+    f0=$(cpu_s $gw)
     $pf $lg flood --url "http://127.0.0.1:$port" --rate "$rate" --duration 20 --source-ips "$ips" --report reports/flood.json >/dev/null
+    per_upgrade "$gw" "$f0" reports/flood.json gateway
     c0=$(cpu_s $gw)
     load reports/flood-load-alone.json
     c1=$(cpu_s $gw)
@@ -168,6 +180,23 @@ print(json.dumps({
                           "ratio": round(lf["tokens_per_second"] / la["tokens_per_second"], 3)},
 }, indent=2))
 PY
+    ;;
+  flood-floor)
+    rate=${2:-5000}
+    ips=$(seq -s, -f '127.0.2.%g' 1 50)
+    cargo build --release -q -p loadgen --example bare_refuser
+    floor_port=$((port + 300))
+    taskset -c 0 ./target/release/examples/bare_refuser "127.0.0.1:$floor_port" &
+    fp=$!
+    sleep 0.5
+    for target in floor gateway; do
+      pid=$gw; p=$port
+      if [ $target = floor ]; then pid=$fp; p=$floor_port; else taskset -a -p -c 0 $gw >/dev/null; fi
+      f0=$(cpu_s $pid)
+      taskset -c 1 ./target/release/loadgen flood --no-probe --url "http://127.0.0.1:$p" --rate "$rate" --duration 20 --source-ips "$ips" --report "reports/flood-$target.json" >/dev/null
+      per_upgrade "$pid" "$f0" "reports/flood-$target.json" "$target"
+    done
+    kill $fp
     ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

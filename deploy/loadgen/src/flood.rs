@@ -3,16 +3,18 @@
 //!
 //! For `--duration` seconds, upgrades with made-up keys (well-formed `pk_` + 64 random hex,
 //! so that each one would cost a store lookup) arrive at `--rate` per second, spread over
-//! `--source-ips`; each is read until the server closes it. Meanwhile a real client opens a
-//! socket with a valid key every `--probe-ms` and times its handshake, from the TCP connect to
-//! `connection_established`. The report gives the flood's achieved rate and how it was refused
-//! (`AUTH_ERROR` after the upgrade, `HTTP 429` before it once an address is throttled, other),
-//! and the real
-//! handshakes' p50/p99/max. `--rate 0` measures the real handshakes alone, for comparison.
+//! `--source-ips`, written over plain TCP as a key guesser would (no WebSocket library, the
+//! close frame never answered); each is read until the server closes it. Meanwhile a real
+//! client opens a socket with a valid key every `--probe-ms` and times its handshake, from the
+//! TCP connect to `connection_established`. The report gives the flood's achieved rate and how
+//! it was refused (`AUTH_ERROR`, or `RATE_LIMITED` once an address is throttled, after the
+//! upgrade; `HTTP <status>` before it; other), and the real handshakes' p50/p99/max.
+//! `--rate 0` measures the real handshakes alone, for comparison.
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    io::Cursor,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,8 +22,18 @@ use std::{
 use anyhow::Context;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, Semaphore};
-use tokio_tungstenite::tungstenite::Message;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpSocket,
+    sync::{Mutex, Semaphore},
+};
+use tokio_tungstenite::tungstenite::{
+    Message,
+    protocol::frame::{
+        FrameHeader,
+        coding::{Data, OpCode},
+    },
+};
 
 use crate::{setup, socket::connect_from};
 
@@ -32,7 +44,12 @@ pub struct FloodArgs {
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     pub url: String,
     /// Admin token: the real client's tenant is created with it.
-    #[arg(long, env = "PARLEY_ADMIN_TOKEN")]
+    #[arg(
+        long,
+        env = "PARLEY_ADMIN_TOKEN",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub admin_token: String,
     /// Upgrades with made-up keys per second; 0 runs the real client alone.
     #[arg(long, default_value_t = 5_000.0)]
@@ -52,6 +69,10 @@ pub struct FloodArgs {
     /// The real client's local address.
     #[arg(long, default_value = "127.0.0.1")]
     pub probe_ip: IpAddr,
+    /// The flood alone: no tenant, no chat, no real client (its chat id made up too), so that
+    /// it can hit any server, such as `examples/bare_refuser.rs`, the cost floor.
+    #[arg(long)]
+    pub no_probe: bool,
     /// Also write the JSON report here.
     #[arg(long)]
     pub report: Option<std::path::PathBuf>,
@@ -59,17 +80,29 @@ pub struct FloodArgs {
 
 /// Runs the flood and the probe, and prints the report.
 pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    let settings = json!({"max_connections": 100_000, "requests_per_minute": 1_000_000});
-    let key = setup::create_tenant(&http, &args.url, &args.admin_token, "flood", settings).await?;
-    let chat = setup::create_chat(&http, &args.url, &key, "probe").await?;
-    let ws_base = args.url.replacen("http", "ws", 1);
-    let real = format!("{ws_base}/ws/chat?api_key={key}&user_id=probe&chat_id={chat}");
-    let fake = format!("{ws_base}/ws/chat?user_id=x&chat_id={chat}&api_key=");
+    let (real, chat) = if args.no_probe {
+        (None, "00000000-0000-4000-8000-000000000000".to_owned())
+    } else {
+        let http = reqwest::Client::new();
+        let settings = json!({"max_connections": 100_000, "requests_per_minute": 1_000_000});
+        let key =
+            setup::create_tenant(&http, &args.url, &args.admin_token, "flood", settings).await?;
+        let chat = setup::create_chat(&http, &args.url, &key, "probe").await?;
+        let ws_base = args.url.replacen("http", "ws", 1);
+        let real = format!("{ws_base}/ws/chat?api_key={key}&user_id=probe&chat_id={chat}");
+        (Some(real), chat)
+    };
+    let fake = format!("/ws/chat?user_id=x&chat_id={chat}&api_key=");
     let until = Instant::now() + Duration::from_secs(args.duration);
     let outcomes = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let flood = tokio::spawn(flood(args.clone(), fake, until, outcomes.clone()));
-    let probe = probe(&args, &real, until).await?;
+    let probe = match &real {
+        Some(real) => probe(&args, real, until).await?,
+        None => {
+            tokio::time::sleep_until(until.into()).await;
+            Value::Null
+        }
+    };
     let sent = flood.await??;
     let outcomes = outcomes.lock().await.clone();
     let report = json!({
@@ -94,13 +127,14 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
 /// Sends made-up upgrades at the rate until `until`; returns how many went out.
 async fn flood(
     args: FloodArgs,
-    base: String,
+    path: String,
     until: Instant,
     outcomes: Arc<Mutex<BTreeMap<String, u64>>>,
 ) -> anyhow::Result<u64> {
     if args.rate <= 0.0 {
         return Ok(0);
     }
+    let target = Arc::new(Target::of(&args.url).await?);
     let gate = Arc::new(Semaphore::new(args.in_flight));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -112,11 +146,12 @@ async fn flood(
             *outcomes.lock().await.entry("skipped".into()).or_default() += 1;
             continue;
         };
-        let url = format!("{base}pk_{}", hex::encode(rand::random::<[u8; 32]>()));
+        let request = target.upgrade(&path, &hex::encode(rand::random::<[u8; 32]>()));
+        let target = target.clone();
         let source = args.source_ips[sent as usize % args.source_ips.len()];
         let outcomes = outcomes.clone();
         tasks.spawn(async move {
-            let outcome = refused_with(&url, source).await;
+            let outcome = refused_with(&request, target.addr, source).await;
             drop(permit);
             *outcomes.lock().await.entry(outcome).or_default() += 1;
         });
@@ -127,37 +162,94 @@ async fn flood(
     Ok(sent)
 }
 
-/// The error code a made-up upgrade was refused with (or what went wrong instead).
-async fn refused_with(url: &str, source: IpAddr) -> String {
-    let mut ws =
-        match tokio::time::timeout(Duration::from_secs(10), connect_from(url, source)).await {
-            Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => {
-                return match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-                    Some(tokio_tungstenite::tungstenite::Error::Http(res)) => {
-                        format!("HTTP {}", res.status().as_u16())
-                    }
-                    _ => "connect_failed".into(),
-                };
-            }
-            Err(_) => return "connect_timed_out".into(),
-        };
-    let mut code = String::from("closed_without_error");
-    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-        match msg {
-            Message::Text(t) => {
-                let v: Value = serde_json::from_str(&t).unwrap_or_default();
-                if let Some(c) = v["error_code"].as_str() {
-                    code = c.to_owned();
-                } else if v["event_type"] == "connection_established" {
-                    return "ACCEPTED".into();
-                }
-            }
-            Message::Close(_) => break,
-            _ => {}
-        }
+/// Where the flood goes: the gateway's address and its `Host`.
+struct Target {
+    addr: SocketAddr,
+    host: String,
+}
+
+impl Target {
+    async fn of(url: &str) -> anyhow::Result<Self> {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let host = rest.split('/').next().context("host in --url")?.to_owned();
+        let addr = tokio::net::lookup_host(&host)
+            .await?
+            .next()
+            .context("an address for --url")?;
+        Ok(Self { addr, host })
     }
-    code
+
+    /// A well-formed WebSocket upgrade of `path` with the made-up key `pk_<hex>`.
+    fn upgrade(&self, path: &str, hex: &str) -> String {
+        format!(
+            "GET {path}pk_{hex} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: {}\r\n\r\n",
+            self.host,
+            tokio_tungstenite::tungstenite::handshake::client::generate_key()
+        )
+    }
+}
+
+/// The error code a made-up upgrade was refused with (or what went wrong instead).
+///
+/// Sent as a key guesser would: the upgrade request written over plain TCP, the answer read
+/// until the server closes, nothing answered (not even the close frame), no WebSocket library
+/// in between. Then its first text frame tells why.
+async fn refused_with(request: &str, target: SocketAddr, source: IpAddr) -> String {
+    let exchange = async {
+        let socket = if target.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let mut tcp = socket.connect(target).await?;
+        tcp.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::with_capacity(512);
+        // A refusal is a few hundred bytes; more is not a refusal, so stop reading there.
+        (&mut tcp).take(64 * 1024).read_to_end(&mut answer).await?;
+        std::io::Result::Ok(answer)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Ok(Ok(answer)) => outcome(&answer),
+        Ok(Err(_)) => "connect_failed".into(),
+        Err(_) => "connect_timed_out".into(),
+    }
+}
+
+/// `HTTP <status>` for a refusal before the upgrade; after it, the first text frame's
+/// `error_code` (`ACCEPTED` for `connection_established`).
+fn outcome(answer: &[u8]) -> String {
+    let Some(head_end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return "closed_without_error".into();
+    };
+    let status = String::from_utf8_lossy(&answer[..head_end])
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    if status != "101" {
+        return format!("HTTP {status}");
+    }
+    let mut frames = Cursor::new(&answer[head_end + 4..]);
+    while let Ok(Some((header, len))) = FrameHeader::parse(&mut frames) {
+        let at = usize::try_from(frames.position()).unwrap_or(usize::MAX);
+        let Some(payload) = frames.get_ref().get(at..at.saturating_add(len as usize)) else {
+            break;
+        };
+        if header.opcode == OpCode::Data(Data::Text) {
+            let v: Value = serde_json::from_slice(payload).unwrap_or_default();
+            if let Some(code) = v["error_code"].as_str() {
+                return code.to_owned();
+            }
+            if v["event_type"] == "connection_established" {
+                return "ACCEPTED".into();
+            }
+        }
+        frames.set_position(frames.position() + len);
+    }
+    "closed_without_error".into()
 }
 
 /// Real handshakes every `probe_ms` until `until`: p50, p99 and max in milliseconds.
@@ -209,5 +301,46 @@ async fn handshake(url: &str, source: IpAddr) -> anyhow::Result<()> {
             let _ = ws.close(None).await;
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+
+    fn upgraded(frames: Vec<Frame>) -> anyhow::Result<Vec<u8>> {
+        let mut answer = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n".to_vec();
+        for frame in frames {
+            frame.format(&mut answer)?;
+        }
+        Ok(answer)
+    }
+
+    #[test]
+    fn refusals_are_read_from_the_raw_answer() -> anyhow::Result<()> {
+        let text = |s: &str| Frame::message(s.to_owned(), OpCode::Data(Data::Text), true);
+        let refused = upgraded(vec![
+            Frame::ping(vec![1]),
+            text(r#"{"event_type":"error","error_code":"RATE_LIMITED"}"#),
+            Frame::close(None),
+        ])?;
+        assert_eq!(outcome(&refused), "RATE_LIMITED");
+        let accepted = upgraded(vec![text(r#"{"event_type":"connection_established"}"#)])?;
+        assert_eq!(outcome(&accepted), "ACCEPTED");
+        assert_eq!(
+            outcome(&upgraded(vec![Frame::close(None)])?),
+            "closed_without_error"
+        );
+        assert_eq!(
+            outcome(b"HTTP/1.1 429 Too Many Requests\r\n\r\n{}"),
+            "HTTP 429"
+        );
+        assert_eq!(outcome(b""), "closed_without_error");
+        // A frame cut short by the server hanging up is not read past its end.
+        let mut cut = refused.clone();
+        cut.truncate(refused.len() - 40);
+        assert_eq!(outcome(&cut), "closed_without_error");
+        Ok(())
     }
 }

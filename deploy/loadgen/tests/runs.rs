@@ -480,3 +480,45 @@ async fn sockets_open_on_their_schedule_at_the_connect_rate() {
         "{report}"
     );
 }
+
+/// `loadgen flood`: every made-up upgrade is counted by how it was refused (the first few per
+/// address `AUTH_ERROR`, then `RATE_LIMITED` once the address is throttled, both read from the
+/// raw answer), and the real client beside the flood got every handshake through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_is_counted_by_refusal_and_the_real_client_gets_through() {
+    let app = spawn_gateway().await;
+    let args = [
+        "flood",
+        "--url",
+        &app.url,
+        "--admin-token",
+        ADMIN,
+        "--rate",
+        "300",
+        "--duration",
+        "2",
+        "--source-ips",
+        "127.0.2.1,127.0.2.2",
+    ];
+    let (code, report) = loadgen(&args).await;
+    assert_eq!(code, 0, "{report}");
+    let flood = &report["flood"];
+    let outcomes = flood["outcomes"].as_object().unwrap();
+    let counted: u64 = outcomes.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(counted, flood["sent"].as_u64().unwrap(), "{report}");
+    assert!(counted >= 400, "{report}");
+    // The default allowance is 20 failures per address before it is throttled.
+    let auth_errors = outcomes
+        .get("AUTH_ERROR")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert!((40..=60).contains(&auth_errors), "{report}");
+    assert_eq!(
+        counted - auth_errors,
+        outcomes["RATE_LIMITED"].as_u64().unwrap(),
+        "{report}"
+    );
+    let real = &report["real_handshake_ms"];
+    assert_eq!(real["failed"], 0, "{report}");
+    assert!(real["count"].as_u64().unwrap() > 10, "{report}");
+}

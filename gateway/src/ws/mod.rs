@@ -5,15 +5,24 @@
 //! holds for an address throttled for failed authentications too ([`crate::throttle`]): it is
 //! told `RATE_LIMITED` with `retry_after_ms` (an honest client behind the same NAT as a key
 //! guesser learns why), at the cost of the upgrade; it takes no handshake turn and no lookup.
+//! Its refusal is cheap, since a flood is mostly such upgrades: the `101` response, the `error`
+//! event and the close frame go out as one write, with no socket task, and the connection
+//! closes right after (the client need not answer the close frame; RFC 6455 §7.1.1 has the
+//! server close the TCP connection first).
 
 mod cursor;
 mod handshake;
 mod owners;
 mod session;
 
+use actix_http::{
+    body::BoxBody,
+    ws::{OpCode, Parser},
+};
 use actix_web::{HttpRequest, HttpResponse, web};
+use shared::metrics::metrics;
 
-use crate::state::AppState;
+use crate::{error::ApiError, state::AppState};
 
 pub use handshake::{Credential, HandshakeParams, Present};
 pub use owners::ChatOwners;
@@ -24,8 +33,13 @@ pub async fn ws_chat(
     body: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    let client = state.throttle.client_addr(req.peer_addr(), req.headers());
+    if let Err(err) = state.throttle.check(client) {
+        metrics().connect(err.code().as_str());
+        return refused_upgrade(&req, &err);
+    }
     let mut params = HandshakeParams::from_request(&req);
-    params.client = state.throttle.client_addr(req.peer_addr(), req.headers());
+    params.client = client;
     let (response, ws_session, stream) = actix_ws::handle(&req, body)?;
     let limits = &state.config.limits;
     let stream = stream
@@ -44,4 +58,16 @@ pub async fn ws_chat(
         Box::new(stream),
     ));
     Ok(response)
+}
+
+/// The upgrade's `101` response carrying the whole refusal as its body: the `error` event and
+/// the close frame, as [`session`] would send them, written with the head in one piece.
+fn refused_upgrade(req: &HttpRequest, err: &ApiError) -> Result<HttpResponse, actix_web::Error> {
+    let (frame, reason) = session::last_words(err);
+    let mut body = web::BytesMut::with_capacity(frame.len() + 64);
+    Parser::write_message(&mut body, frame.as_bytes(), OpCode::Text, true, false);
+    Parser::write_close(&mut body, Some(reason), false);
+    let response =
+        actix_http::ws::handshake(req.head())?.message_body(BoxBody::new(body.freeze()))?;
+    Ok(response.into())
 }

@@ -62,11 +62,10 @@ pub fn run(
     }
 }
 
-/// The handshake, bounded: an address throttled for failed authentications is refused before
-/// it waits for a turn, and the turn and the checks together take at most
-/// `auth.handshake_timeout_secs` (a flood cannot queue real clients without bound).
+/// The handshake, bounded: the turn and the checks together take at most
+/// `auth.handshake_timeout_secs` (a flood cannot queue real clients without bound). A throttled
+/// address never gets here: [`super::ws_chat`] refuses it in the upgrade response itself.
 async fn checked(state: &AppState, params: HandshakeParams) -> Result<Accepted, ApiError> {
-    state.throttle.check(params.client)?;
     let limit = Duration::from_secs(state.config.auth.handshake_timeout_secs.max(1));
     let handshake = async {
         let _turn = state.handshakes.acquire().await;
@@ -82,15 +81,20 @@ async fn checked(state: &AppState, params: HandshakeParams) -> Result<Accepted, 
 /// Reports a handshake failure, then closes with 1008 (1013 when the gateway cannot serve now).
 /// Both writes are bounded: a client that does not read is dropped.
 async fn refuse(mut session: Session, err: &ApiError) {
+    let (frame, reason) = last_words(err);
+    if let Ok(Ok(())) = tokio::time::timeout(CLOSE_TIMEOUT, session.text(frame)).await {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.close(Some(reason))).await;
+    }
+}
+
+/// What a refused socket is told: its `error` event, then the close frame (1008; 1013 when
+/// the gateway cannot serve now) naming the error code.
+pub(super) fn last_words(err: &ApiError) -> (Frame, CloseReason) {
     let code = match err {
         ApiError::Unavailable(_) => CloseCode::Again,
         _ => CloseCode::Policy,
     };
-    let frame = err.to_event().to_frame();
-    if let Ok(Ok(())) = tokio::time::timeout(CLOSE_TIMEOUT, session.text(frame)).await {
-        let closing = session.close(Some(close(code, err.code().as_str())));
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
-    }
+    (err.to_event().to_frame(), close(code, err.code().as_str()))
 }
 
 /// How long the last words to a socket may take (its error event, its close frame).

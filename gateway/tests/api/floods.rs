@@ -49,6 +49,28 @@ async fn assert_throttled(res: reqwest::Response) {
     );
 }
 
+/// Sends an upgrade from `source` over plain TCP and reads until the server closes (within 2 s),
+/// never answering anything.
+async fn raw_refusal_from(source: &str, app: &TestApp, chat: &str) -> std::io::Result<Vec<u8>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().expect("address"))?;
+    let mut tcp = socket
+        .connect(format!("127.0.0.1:{}", app.port).parse().expect("address"))
+        .await?;
+    let head = format!(
+        "GET /ws/chat?api_key={}&user_id=u&chat_id={chat} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        app.api_key
+    );
+    tcp.write_all(head.as_bytes()).await?;
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut seen))
+        .await
+        .map_err(|_| std::io::Error::other("the server kept the connection open"))??;
+    Ok(seen)
+}
+
 #[tokio::test]
 async fn failed_authentications_are_throttled_per_address_on_rest_sockets_and_admin() -> TestResult
 {
@@ -67,10 +89,31 @@ async fn failed_authentications_are_throttled_per_address_on_rest_sockets_and_ad
     assert_throttled(get_chat(&guesser, &app, &app.api_key, &chat).await).await;
     // A socket from there is told why, after the upgrade as every handshake failure is.
     let mut ws = Ws::open_from("127.0.0.2", app.ws_request(&app.api_key, "u", &chat)).await;
-    let (events, code, _) = ws.events_then_close().await;
+    let (events, code, reason) = ws.events_then_close().await;
     assert_error(&events[0], "RATE_LIMITED");
     assert!(events[0]["details"]["retry_after_ms"].as_u64().unwrap() >= 1000);
-    assert_eq!(code, 1008);
+    assert_eq!((code, reason.as_str()), (1008, "RATE_LIMITED"));
+    // The whole refusal comes at once and the server hangs up without waiting for the client
+    // to answer the close frame: a guesser that never does holds nothing open.
+    let raw = raw_refusal_from("127.0.0.2", &app, &chat).await?;
+    assert!(
+        raw.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    let frames = &raw[raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    let (header, len) = match frames[1] {
+        126 => (4, usize::from(u16::from_be_bytes([frames[2], frames[3]]))),
+        n => (2, usize::from(n)),
+    };
+    let (text, close) = frames.split_at(header + len);
+    assert_eq!(frames[0], 0x81, "one unfragmented text frame first");
+    assert!(String::from_utf8_lossy(text).contains("\"error_code\":\"RATE_LIMITED\""));
+    assert_eq!(
+        &close[..4],
+        &[0x88, 14, 0x03, 0xf0],
+        "then close 1008 'RATE_LIMITED'"
+    );
     // Every other address is served as before.
     assert_eq!(
         get_chat(&app.http, &app, &app.api_key, &chat)
