@@ -193,8 +193,11 @@ PY
       pid=$gw; p=$port
       if [ $target = floor ]; then pid=$fp; p=$floor_port; else taskset -a -p -c 0 $gw >/dev/null; fi
       f0=$(cpu_s $pid)
-      taskset -c 1 ./target/release/loadgen flood --no-probe --url "http://127.0.0.1:$p" --rate "$rate" --duration 20 --source-ips "$ips" --report "reports/flood-$target.json" >/dev/null
+      TIMEFORMAT="%U %S"
+      { time taskset -c 1 ./target/release/loadgen flood --no-probe --url "http://127.0.0.1:$p" --rate "$rate" --duration 20 --source-ips "$ips" --report "reports/flood-$target.json" >/dev/null 2>&1; } 2> "$dir/flooder-cpu"
       per_upgrade "$pid" "$f0" "reports/flood-$target.json" "$target"
+      awk -v n="$(python3 -c "import json; print(json.load(open('reports/flood-$target.json'))['flood']['sent'])")" \
+        '{printf "  (the flooder: %.0f us per upgrade)\n", ($1 + $2) / n * 1e6}' "$dir/flooder-cpu"
     done
     kill $fp
     ;;
