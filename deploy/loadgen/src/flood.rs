@@ -207,12 +207,17 @@ async fn refused_with(request: &str, target: SocketAddr, source: IpAddr) -> Stri
         let mut tcp = socket.connect(target).await?;
         tcp.write_all(request.as_bytes()).await?;
         let mut answer = Vec::with_capacity(512);
-        // A refusal is a few hundred bytes; more is not a refusal, so stop reading there.
-        (&mut tcp).take(64 * 1024).read_to_end(&mut answer).await?;
-        std::io::Result::Ok(answer)
+        // A refusal is a few hundred bytes, then the server hangs up; a socket that was let in
+        // stays open, so it is told apart as soon as it says so.
+        while answer.len() < 64 * 1024 && tcp.read_buf(&mut answer).await? > 0 {
+            if outcome(&answer) == "ACCEPTED" {
+                break;
+            }
+        }
+        std::io::Result::Ok(outcome(&answer))
     };
     match tokio::time::timeout(Duration::from_secs(10), exchange).await {
-        Ok(Ok(answer)) => outcome(&answer),
+        Ok(Ok(outcome)) => outcome,
         Ok(Err(_)) => "connect_failed".into(),
         Err(_) => "connect_timed_out".into(),
     }
