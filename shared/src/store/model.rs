@@ -328,6 +328,23 @@ pub struct Page {
     pub descending: bool,
 }
 
+impl Page {
+    /// The total to report beside a page of `rows` rows, from a count taken just before the
+    /// page was read: never less than the page shows. Counted first, a row added in between
+    /// can only raise the page's end, so `total` and `has_more` never contradict the rows a
+    /// client holds (the count and the page are two statements, each with its own snapshot).
+    pub fn total_with(&self, counted: i64, rows: usize) -> i64 {
+        let shown = self
+            .offset
+            .saturating_add(i64::try_from(rows).unwrap_or(i64::MAX));
+        if rows == 0 {
+            counted
+        } else {
+            counted.max(shown)
+        }
+    }
+}
+
 /// A tenant's model usage on one UTC day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DailyUsage {
@@ -354,5 +371,27 @@ impl DailyUsage {
             completion_tokens: n(completion),
             total_tokens: n(prompt).saturating_add(n(completion)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Page;
+
+    #[test]
+    fn a_pages_total_never_contradicts_its_rows() {
+        let page = |offset| Page {
+            offset,
+            limit: 50,
+            descending: false,
+        };
+        // Counted 6, then a 7th saved before the page was read: the page shows 7.
+        assert_eq!(page(0).total_with(6, 7), 7);
+        assert_eq!(page(0).total_with(6, 6), 6);
+        // A short page past other rows keeps the count.
+        assert_eq!(page(10).total_with(20, 5), 20);
+        assert_eq!(page(10).total_with(12, 5), 15);
+        // Nothing on the page: the count stands (the offset may be past the end).
+        assert_eq!(page(100).total_with(6, 0), 6);
     }
 }

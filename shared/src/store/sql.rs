@@ -260,6 +260,12 @@ macro_rules! sql_store {
                     "{CHAT_COLS} WHERE tenant_id = $1 AND user_id = $2 \
                      ORDER BY created_at {dir}, {tiebreak} {dir} LIMIT $3 OFFSET $4"
                 ));
+                let total: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE tenant_id = $1 AND user_id = $2")
+                        .bind(tenant_id)
+                        .bind(user_id)
+                        .fetch_one(&self.read)
+                        .await?;
                 let rows = sqlx::query_as::<_, ChatRow>(sql)
                     .bind(tenant_id)
                     .bind(user_id)
@@ -267,12 +273,7 @@ macro_rules! sql_store {
                     .bind(page.offset)
                     .fetch_all(&self.read)
                     .await?;
-                let total: i64 =
-                    sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE tenant_id = $1 AND user_id = $2")
-                        .bind(tenant_id)
-                        .bind(user_id)
-                        .fetch_one(&self.read)
-                        .await?;
+                let total = page.total_with(total, rows.len());
                 Ok((rows.into_iter().map(Chat::from).collect(), total))
             }
 
@@ -323,16 +324,17 @@ macro_rules! sql_store {
                 let sql = sqlx::AssertSqlSafe(format!(
                     "{MESSAGE_COLS} WHERE chat_id = $1 ORDER BY seq {dir} LIMIT $2 OFFSET $3"
                 ));
+                let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE chat_id = $1")
+                    .bind(chat_id)
+                    .fetch_one(&self.read)
+                    .await?;
                 let rows = sqlx::query_as::<_, MessageRow>(sql)
                     .bind(chat_id)
                     .bind(page.limit)
                     .bind(page.offset)
                     .fetch_all(&self.read)
                     .await?;
-                let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE chat_id = $1")
-                    .bind(chat_id)
-                    .fetch_one(&self.read)
-                    .await?;
+                let total = page.total_with(total, rows.len());
                 Ok((messages(rows)?, total))
             }
 
