@@ -57,10 +57,12 @@ cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/p
 redis_cpu() { redis-cli info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.2f", s}'; }
 pg_cpu() { for p in $(pgrep -x postgres); do cpu_s "$p"; echo; done | awk '{s += $1} END {printf "%.2f", s}'; }
 cpu_line() { echo "$(cpu_s $gw) ${wk:+$(cpu_s $wk)} $(redis_cpu) $(pg_cpu)"; }
+# Upgrades sent, from the flood report $1.
+flood_sent() { python3 -c "import json; print(json.load(open('$1'))['flood']['sent'])"; }
 # CPU microseconds process $1 spent per flood upgrade since it had used $2 CPU seconds, from
 # the flood report $3 (labelled $4).
 per_upgrade() {
-  awk -v a="$2" -v b="$(cpu_s "$1")" -v n="$(python3 -c "import json; print(json.load(open('$3'))['flood']['sent'])")" -v l="$4" \
+  awk -v a="$2" -v b="$(cpu_s "$1")" -v n="$(flood_sent "$3")" -v l="$4" \
     'BEGIN {printf "%s CPU per flood upgrade: %.0f us (%d upgrades)\n", l, (b - a) / n * 1e6, n}'
 }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$gw/status"; }
@@ -196,7 +198,7 @@ PY
       TIMEFORMAT="%U %S"
       { time taskset -c 1 ./target/release/loadgen flood --no-probe --url "http://127.0.0.1:$p" --rate "$rate" --duration 20 --source-ips "$ips" --report "reports/flood-$target.json" >/dev/null 2>&1; } 2> "$dir/flooder-cpu"
       per_upgrade "$pid" "$f0" "reports/flood-$target.json" "$target"
-      awk -v n="$(python3 -c "import json; print(json.load(open('reports/flood-$target.json'))['flood']['sent'])")" \
+      awk -v n="$(flood_sent "reports/flood-$target.json")" \
         '{printf "  (the flooder: %.0f us per upgrade)\n", ($1 + $2) / n * 1e6}' "$dir/flooder-cpu"
     done
     kill $fp
